@@ -1,0 +1,1 @@
+"""Offline conversion: calibration, solvers, packing and checkpoint writing (no vLLM import)."""

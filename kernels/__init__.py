@@ -1,0 +1,1 @@
+"""Linear-layer kernels for QuantEase weights: torch reference and Triton (no vLLM import)."""
