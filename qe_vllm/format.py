@@ -297,39 +297,54 @@ def validate_linear(
     Runs before any kernel sees the data, so a corrupt checkpoint fails at load
     time with a readable message instead of crashing inside a kernel.
     """
+    for t, (dtype, shape) in expected_tensors(cfg, out_features, in_features).items():
+        if t not in tensors:
+            raise CheckpointFormatError(f"layer {name!r}: missing tensor {name}.{t}")
+        x = tensors[t]
+        if x.dtype != dtype:
+            raise CheckpointFormatError(f"layer {name!r}: {t} has dtype {x.dtype}, expected {dtype}")
+        if shape is not None and tuple(x.shape) != shape:
+            raise CheckpointFormatError(
+                f"layer {name!r}: {t} has shape {tuple(x.shape)}, expected {shape}"
+            )
+    validate_grid_values(name, tensors, cfg)
+    validate_csr(name, tensors[ROW_PTR], tensors[COL_IDX], tensors[VALUES], in_features)
+
+
+def validate_grid_values(name: str, tensors: dict[str, torch.Tensor], cfg: QuantEaseConfig) -> None:
+    """Scales finite and positive, zero points within the bit range (any slice of a layer)."""
+    scales = tensors[SCALES]
+    if not bool(torch.isfinite(scales.float()).all()) or bool((scales <= 0).any()):
+        raise CheckpointFormatError(f"layer {name!r}: {SCALES} must be finite and positive")
+    if not cfg.sym and bool((tensors[QZEROS] > 2**cfg.bits - 1).any()):
+        raise CheckpointFormatError(f"layer {name!r}: {QZEROS} exceed the {cfg.bits}-bit range")
+
+
+def validate_csr(
+    name: str, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, in_features: int
+) -> None:
+    """Check a CSR outlier triple: consistent pointers, sorted in-range columns, finite values."""
 
     def fail(msg: str) -> None:
         raise CheckpointFormatError(f"layer {name!r}: {msg}")
 
-    spec = expected_tensors(cfg, out_features, in_features)
-    for t, (dtype, shape) in spec.items():
-        if t not in tensors:
-            fail(f"missing tensor {name}.{t}")
-        x = tensors[t]
-        if x.dtype != dtype:
-            fail(f"{t} has dtype {x.dtype}, expected {dtype}")
-        if shape is not None and tuple(x.shape) != shape:
-            fail(f"{t} has shape {tuple(x.shape)}, expected {shape}")
-        if shape is None and x.dim() != 1:
-            fail(f"{t} must be 1-D, got shape {tuple(x.shape)}")
-    row_ptr, cols, vals = (tensors[t] for t in OUTLIER_TENSORS)
+    if row_ptr.dim() != 1 or cols.dim() != 1 or vals.dim() != 1:
+        fail("outlier tensors must be 1-D")
+    if row_ptr.dtype != torch.int32 or cols.dtype != torch.int32:
+        fail(f"{ROW_PTR}/{COL_IDX} must be int32, got {row_ptr.dtype}/{cols.dtype}")
     nnz = cols.numel()
     if vals.numel() != nnz:
         fail(f"{COL_IDX} has {nnz} entries but {VALUES} has {vals.numel()}")
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
-        fail(f"{ROW_PTR} must start at 0 and end at nnz={nnz}, got {int(row_ptr[0])}..{int(row_ptr[-1])}")
+    if row_ptr.numel() == 0 or int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        fail(f"{ROW_PTR} must start at 0 and end at nnz={nnz}")
     if bool((row_ptr[1:] < row_ptr[:-1]).any()):
         fail(f"{ROW_PTR} is not non-decreasing")
-    if nnz:
-        if int(cols.min()) < 0 or int(cols.max()) >= in_features:
-            fail(f"{COL_IDX} out of range [0, {in_features}): min {int(cols.min())}, max {int(cols.max())}")
-        rows = csr_rows(row_ptr)
-        same_row = rows[1:] == rows[:-1]
-        if bool((same_row & (cols[1:] <= cols[:-1])).any()):
-            fail(f"{COL_IDX} must be strictly increasing within each row (sorted, no duplicates)")
-        if not bool(torch.isfinite(vals.float()).all()):
-            fail(f"{VALUES} holds NaN or Inf")
-    if not bool(torch.isfinite(tensors[SCALES].float()).all()) or bool((tensors[SCALES] <= 0).any()):
-        fail(f"{SCALES} must be finite and positive")
-    if not cfg.sym and bool((tensors[QZEROS] > 2**cfg.bits - 1).any()):
-        fail(f"{QZEROS} exceed the {cfg.bits}-bit range")
+    if nnz == 0:
+        return
+    if int(cols.min()) < 0 or int(cols.max()) >= in_features:
+        fail(f"{COL_IDX} out of range [0, {in_features}): min {int(cols.min())}, max {int(cols.max())}")
+    rows = csr_rows(row_ptr)
+    if bool(((rows[1:] == rows[:-1]) & (cols[1:] <= cols[:-1])).any()):
+        fail(f"{COL_IDX} must be strictly increasing within each row (sorted, no duplicates)")
+    if not bool(torch.isfinite(vals.float()).all()):
+        fail(f"{VALUES} holds NaN or Inf")

@@ -1,0 +1,297 @@
+"""The ``quantease`` quantization method for vLLM.
+
+Shaped like vLLM's own ``model_executor/layers/quantization/*.py``: a config
+class that parses ``quantization_config`` and hands out a linear method, and a
+linear method that declares the checkpoint tensors with vLLM's parameter types
+(so merged QKV / gate-up layers and tensor parallelism load with vLLM's own
+loaders), assembles the variable-length outliers after loading, and computes
+``y = x (deq(Q) + S)^T``.
+
+Dense tensors follow ``qe_vllm.format`` (``[out, ...]`` orientation, codes
+packed along the input dimension). Outliers arrive as one CSR triple per
+checkpoint module; each is stashed by a zero-size "sink" parameter and cut to
+this rank in ``process_weights_after_loading`` (see ``qe_vllm.outlier_shards``).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import partial
+from typing import Any, Hashable
+
+import torch
+from torch.nn import Parameter
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+from vllm.model_executor.utils import set_weight_attrs
+
+from qe_vllm.format import (
+    OUTLIER_TENSORS,
+    OUTLIER_VALUE_DTYPES,
+    QUANT_METHOD,
+    SCALE_DTYPE,
+    ZERO_DTYPE,
+    CheckpointFormatError,
+    QuantEaseConfig,
+    num_groups,
+    packed_width,
+    validate_grid_values,
+)
+from qe_vllm.kernels.torch_linear import quantease_linear_torch
+from qe_vllm.outlier_shards import RowSlice, assemble_outliers
+
+# Under the "vllm" logger tree so messages use vLLM's handler, format and VLLM_LOGGING_LEVEL.
+logger = init_logger("vllm.quantease")
+
+
+@register_quantization_config(QUANT_METHOD)
+class QuantEaseVllmConfig(QuantizationConfig):
+    """Config class for QuantEase checkpoints (low-bit codes + sparse outliers)."""
+
+    def __init__(self, fmt: QuantEaseConfig) -> None:
+        super().__init__()
+        self.fmt = fmt
+        # Load-time bookkeeping for the one-line resident-memory report.
+        self.layers_created = 0
+        self.layers_loaded = 0
+        self.resident_bytes = 0
+        self.dense_bytes = 0
+        self.nnz = 0
+
+    def __repr__(self) -> str:
+        f = self.fmt
+        return (
+            f"QuantEaseVllmConfig(bits={f.bits}, group_size={f.group_size}, sym={f.sym}, "
+            f"outlier_fraction={f.outlier_fraction}, outlier_structure={f.outlier_structure})"
+        )
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # Non-empty on purpose: `--quantization quantease` on a checkpoint without
+        # a quantease `quantization_config` must fail instead of loading garbage.
+        return ["quantease_config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuantEaseVllmConfig":
+        return cls(QuantEaseConfig.from_dict(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None
+        skipped = is_layer_skipped(
+            prefix,
+            self.fmt.modules_to_not_convert,
+            self.packed_modules_mapping,
+            match_mode="suffix",
+        )
+        return UnquantizedLinearMethod() if skipped else QuantEaseLinearMethod(self)
+
+
+@register_weight_loader_v2_supported_method
+class QuantEaseLinearMethod(LinearMethodBase):
+    """Linear method for QuantEase: packed codes, scales, zeros and CSR outliers."""
+
+    def __init__(self, quant_config: QuantEaseVllmConfig) -> None:
+        self.quant_config = quant_config
+        self.fmt = quant_config.fmt
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        fmt = self.fmt
+        in_pp, out_pp = input_size_per_partition, sum(output_partition_sizes)
+        row_split = in_pp != input_size
+        if row_split:
+            self._check_row_split(layer, in_pp, input_size)
+        weight_loader = extra_weight_attrs["weight_loader"]
+
+        qweight = PackedvLLMParameter(
+            data=torch.empty(out_pp, packed_width(fmt.bits, in_pp), dtype=torch.int32),
+            input_dim=1,
+            output_dim=0,
+            packed_dim=1,
+            packed_factor=Fraction(32, fmt.bits),
+            weight_loader=weight_loader,
+        )
+        layer.register_parameter("qweight", qweight)
+
+        grid_shape = (out_pp, num_groups(fmt.group_size, in_pp))
+        for name, dtype in (("scales", SCALE_DTYPE), ("qzeros", ZERO_DTYPE)):
+            if name == "qzeros" and fmt.sym:
+                continue
+            data = torch.empty(grid_shape, dtype=dtype)
+            if fmt.group_size == -1:  # one group per row: replicated across row-parallel ranks
+                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=weight_loader)
+            else:
+                param = GroupQuantScaleParameter(
+                    data=data, output_dim=0, input_dim=1, weight_loader=weight_loader
+                )
+            layer.register_parameter(name, param)
+
+        layer._qe_stash = {}
+        sink_dtypes = (torch.int32, torch.int32, OUTLIER_VALUE_DTYPES[fmt.outlier_dtype])
+        for name, dtype in zip(OUTLIER_TENSORS, sink_dtypes):
+            sink = Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            set_weight_attrs(sink, {"weight_loader": partial(_stash_outlier_shard, layer, name)})
+            layer.register_parameter(name, sink)
+
+        layer.qe_in_features = in_pp
+        layer.qe_full_in_features = input_size
+        self.quant_config.layers_created += 1
+
+    def _check_row_split(self, layer: torch.nn.Module, in_pp: int, input_size: int) -> None:
+        """Row-parallel ranks must start on a word boundary and on a group boundary."""
+        fmt, prefix = self.fmt, getattr(layer, "prefix", "?")
+        if in_pp * fmt.bits % 32:
+            raise ValueError(
+                f"{prefix}: input size {input_size} split over tensor-parallel ranks gives "
+                f"{in_pp} columns per rank, which does not start on a 32-bit word for "
+                f"{fmt.bits}-bit codes; use a tensor-parallel size that keeps "
+                f"(in_features / tp * {fmt.bits}) a multiple of 32"
+            )
+        if fmt.group_size != -1 and in_pp % fmt.group_size:
+            raise ValueError(
+                f"{prefix}: input size {input_size} split over tensor-parallel ranks gives "
+                f"{in_pp} columns per rank, not a multiple of group_size={fmt.group_size}; "
+                "convert with a smaller group size or use a smaller tensor-parallel size"
+            )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        fmt, prefix = self.fmt, getattr(layer, "prefix", "?")
+        plan, col_start = _row_plan(layer)
+        in_pp, in_full = layer.qe_in_features, layer.qe_full_in_features
+        try:
+            validate_grid_values(prefix, {n: getattr(layer, n, None) for n in ("scales", "qzeros")}, fmt)
+            rows, cols, vals = assemble_outliers(
+                prefix, layer._qe_stash, plan, in_full, col_start, in_pp
+            )
+        except ValueError as e:
+            raise CheckpointFormatError(f"QuantEase checkpoint is invalid: {e}") from None
+        del layer._qe_stash
+        for name in OUTLIER_TENSORS:
+            delattr(layer, name)
+
+        out_pp = layer.qweight.shape[0]
+        flat = rows * in_pp + cols
+        index_dtype = torch.int32 if out_pp * in_pp < 2**31 else torch.int64
+        device = layer.qweight.device
+        layer.outlier_index = Parameter(flat.to(device, index_dtype), requires_grad=False)
+        layer.outlier_val = Parameter(vals.to(device, torch.float16), requires_grad=False)
+        # Plain Parameters from here on: vLLM's parameter subclasses only matter for loading.
+        for name in ("qweight", "scales", "qzeros"):
+            if hasattr(layer, name):
+                setattr(layer, name, Parameter(getattr(layer, name).data, requires_grad=False))
+        self._account(layer, out_pp, in_pp)
+
+    def _account(self, layer: torch.nn.Module, out_pp: int, in_pp: int) -> None:
+        cfg = self.quant_config
+        nbytes = sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
+        cfg.resident_bytes += nbytes
+        cfg.dense_bytes += out_pp * in_pp * 2
+        cfg.nnz += layer.outlier_val.numel()
+        cfg.layers_loaded += 1
+        if cfg.layers_loaded == cfg.layers_created:
+            logger.info(
+                "QuantEase: %d linear layers resident in %.2f MiB (%.3f of their 16-bit size "
+                "%.2f MiB; %d outliers)",
+                cfg.layers_loaded,
+                cfg.resident_bytes / 2**20,
+                cfg.resident_bytes / max(cfg.dense_bytes, 1),
+                cfg.dense_bytes / 2**20,
+                cfg.nnz,
+            )
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fmt = self.fmt
+        return quantease_linear_torch(
+            x,
+            layer.qweight,
+            layer.scales,
+            getattr(layer, "qzeros", None),
+            layer.outlier_index,
+            layer.outlier_val,
+            bits=fmt.bits,
+            group_size=fmt.group_size,
+            in_features=layer.qe_in_features,
+            bias=bias,
+        )
+
+
+def _stash_outlier_shard(
+    layer: torch.nn.Module,
+    name: str,
+    param: Parameter,
+    loaded_weight: torch.Tensor,
+    shard_id: Hashable = None,
+) -> None:
+    """Weight loader of an outlier sink: keep a copy (safetensors hands out mmap views)."""
+    layer._qe_stash.setdefault(shard_id, {})[name] = loaded_weight.detach().to("cpu", copy=True)
+
+
+def _row_plan(layer: torch.nn.Module) -> tuple[list[RowSlice], int]:
+    """Which checkpoint rows this rank owns, where they go, and its first input column.
+
+    Mirrors how vLLM's parameter loaders shard dense tensors, for each linear kind.
+    """
+    tp_rank, tp_size = layer.tp_rank, layer.tp_size
+    if isinstance(layer, QKVParallelLinear):
+        plan = []
+        for shard in ("q", "k", "v"):
+            size = layer._get_shard_size_mapping(shard)
+            block = tp_rank if shard == "q" else tp_rank // layer.num_kv_head_replicas
+            plan.append(RowSlice(shard, block * size, size, layer._get_shard_offset_mapping(shard)))
+        return plan, 0
+    if isinstance(layer, MergedColumnParallelLinear):
+        plan, offset = [], 0
+        for i, total in enumerate(layer.output_sizes):
+            size = total // tp_size
+            plan.append(RowSlice(i, tp_rank * size, size, offset))
+            offset += size
+        return plan, 0
+    if isinstance(layer, RowParallelLinear):
+        in_pp = layer.input_size_per_partition
+        return [RowSlice(None, 0, layer.output_size, 0)], tp_rank * in_pp
+    if len(layer.output_partition_sizes) > 1:
+        raise CheckpointFormatError(
+            f"{layer.prefix}: fused linear kind {type(layer).__name__} is not supported by quantease"
+        )
+    out_pp = layer.output_partition_sizes[0]
+    sharded = out_pp != layer.output_size  # column-parallel; replicated layers keep every row
+    return [RowSlice(None, tp_rank * out_pp if sharded else 0, out_pp, 0)], 0
