@@ -82,9 +82,8 @@ def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> 
     [
         ("tiny_llama", ["--bits", "4", "--group-size", "64", "--outlier-fraction", "0.015"]),
         ("smollm2_2blocks", ["--bits", "3", "--group-size", "128", "--outlier-fraction", "0.01"]),
-        ("smollm2_2blocks", ["--bits", "2", "--group-size", "-1", "--sym", "--outlier-fraction", "0.02"]),
     ],
-    ids=["tiny-gqa-w4g64", "smollm2-w3g128", "smollm2-w2-channel-sym"],
+    ids=["tiny-gqa-w4g64", "smollm2-w3g128"],
 )
 def test_vllm_matches_dense_fake_quantized_model(request, tmp_path: Path, model_fixture: str, flags: list[str]) -> None:
     model = request.getfixturevalue(model_fixture)
@@ -95,13 +94,31 @@ def test_vllm_matches_dense_fake_quantized_model(request, tmp_path: Path, model_
     assert_same_generation(got, want, logprob_tol=1e-3)
 
 
-@pytest.mark.parametrize("q_heads, kv_heads", [([0, 1, 2, 3, 4, 5], [0, 1]), ([0, 1, 2, 3], [0])], ids=["kv2", "kv1-replicated"])
-def test_tensor_parallel_2_equals_1(smollm2_2blocks: Path, tmp_path: Path, q_heads: list[int], kv_heads: list[int]) -> None:
+# bf16 partial sums reduced across ranks round differently from one full sum; the dense
+# model shows the same drift, so TP=2 vs TP=1 compares tokens with a bf16-sized tolerance
+# and the exact check is against the dense reference at the same TP size.
+TP_DRIFT_TOL = 0.15
+
+
+@pytest.mark.parametrize(
+    "q_heads, kv_heads, flags",
+    [
+        ([0, 1, 2, 3, 4, 5], [0, 1], ["--bits", "3", "--group-size", "64", "--outlier-fraction", "0.01"]),
+        ([0, 1, 2, 3], [0], ["--bits", "2", "--group-size", "-1", "--sym", "--outlier-fraction", "0.02"]),
+    ],
+    ids=["kv2-w3g64", "kv1-replicated-w2-channel-sym"],
+)
+def test_tensor_parallel_2_equals_1(
+    smollm2_2blocks: Path, tmp_path: Path, q_heads: list[int], kv_heads: list[int], flags: list[str]
+) -> None:
     model = cut_heads(smollm2_2blocks, tmp_path / "cut", q_heads, kv_heads)
-    ckpt = convert(model, tmp_path / "qe", "--bits", "3", "--group-size", "64", "--outlier-fraction", "0.01")
+    ckpt = convert(model, tmp_path / "qe", *flags)
+    dense_reference(ckpt, tmp_path / "dense")
     tp1 = generate(ckpt, tmp_path / "tp1.json", tp=1)
     tp2 = generate(ckpt, tmp_path / "tp2.json", tp=2)
-    assert_same_generation(tp2, tp1, logprob_tol=0.05)
+    dense_tp2 = generate(tmp_path / "dense", tmp_path / "dense_tp2.json", tp=2)
+    assert_same_generation(tp2, tp1, logprob_tol=TP_DRIFT_TOL)
+    assert_same_generation(tp2, dense_tp2, logprob_tol=1e-3)
 
 
 def test_compiled_path_traces_fullgraph(smollm2_2blocks: Path, tmp_path: Path) -> None:
@@ -109,8 +126,8 @@ def test_compiled_path_traces_fullgraph(smollm2_2blocks: Path, tmp_path: Path) -
     ckpt = convert(smollm2_2blocks, tmp_path / "qe", "--bits", "4", "--group-size", "128", "--outlier-fraction", "0.01")
     dense_reference(ckpt, tmp_path / "dense")
     got = generate(ckpt, tmp_path / "q.json", mode="dynamo")
-    want = generate(tmp_path / "dense", tmp_path / "d.json", mode="eager")
-    assert_same_generation(got, want, logprob_tol=2e-2)
+    want = generate(tmp_path / "dense", tmp_path / "d.json", mode="dynamo")
+    assert_same_generation(got, want, logprob_tol=1e-3)
 
 
 def _engine_config_error(model: Path, quantization: str | None) -> str:

@@ -1,0 +1,197 @@
+"""End-to-end demo on the default model: quantize SmolLM2 with QuantEase, serve it with vLLM.
+
+Phases (each timed):
+
+1. default model — ``<cache>/models/SmolLM2-135M-Instruct`` (bf16), prepared by
+   ``serving/setup.sh``; prepared here if missing.
+2. convert — ``qe-convert --model <model> --output <cache>/ckpt/smollm2-w4-o1 --bits 4
+   --group-size 128 --method rtn --outlier-fraction 0.01``; skipped when the output already
+   holds a config.json with ``quantization_config.quant_method == "quantease"``. Written to a
+   temporary directory and renamed, so an interrupted run is redone.
+3. serve — ``vllm serve <ckpt> --quantization quantease --max-model-len 1024 --enforce-eager``
+   on a free 127.0.0.1 port (``serving/server.py``).
+4. one greedy completion ("The capital of France is", 16 tokens) and one chat request with
+   the ``openai`` client; both answers printed.
+5. stop the server (no process left behind).
+
+Usage::
+
+    .venv/bin/python serving/demo.py                 # the README's main job
+    .venv/bin/python serving/demo.py --no-quant      # serve the bf16 model (no qe-convert)
+    .venv/bin/python serving/demo.py --compile       # vLLM's default torch.compile path
+
+Takes about 2-4 minutes on 2 CPU cores (model conversion + ~1 min vLLM start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    from serving import paths
+    from serving.server import VllmServer
+except ImportError:  # run as `python serving/demo.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from serving import paths
+    from serving.server import VllmServer
+
+PROMPT = "The capital of France is"
+CHAT = "What is the capital of France?"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def qe_convert_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "qe-convert"
+    if exe.is_file():
+        return [str(exe)]
+    if shutil.which("qe-convert"):
+        return [shutil.which("qe-convert")]
+    return [sys.executable, "-c",
+            "import sys; from qe_vllm.cli.convert import main; sys.exit(main())"]
+
+
+def convert(model: Path, out: Path, args: argparse.Namespace) -> str:
+    if paths.quantease_ckpt_is_complete(out) and not args.reconvert:
+        return f"already converted: {out}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for d in paths.remove_stale_tmp(out):
+        log(f"removed leftover of an interrupted conversion: {d}")
+    tmp = paths.tmp_sibling(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [*qe_convert_cmd(), "--model", str(model), "--output", str(tmp),
+           "--bits", str(args.bits), "--group-size", str(args.group_size),
+           "--method", args.method, "--outlier-fraction", str(args.outlier_fraction)]
+    log("$ " + " ".join(cmd).replace(str(tmp), str(out)) + f"   (written to {tmp.name} first)")
+    try:
+        env = {**os.environ, "TQDM_DISABLE": "1"}  # no per-layer progress bars in the demo
+        subprocess.run(cmd, check=True, timeout=args.convert_timeout, env=env)
+        if not paths.quantease_ckpt_is_complete(tmp):
+            raise SystemExit(f"qe-convert finished but {tmp}/config.json has no "
+                             "quantization_config.quant_method == 'quantease'")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"converted -> {out}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=paths.default_model_dir())
+    ap.add_argument("--ckpt", type=Path, default=None,
+                    help="quantized checkpoint dir (default: <cache>/ckpt/smollm2-w<bits>-o<pct>)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--outlier-fraction", type=float, default=0.01)
+    ap.add_argument("--reconvert", action="store_true", help="convert even if the ckpt exists")
+    ap.add_argument("--no-quant", action="store_true",
+                    help="serve the bf16 model without conversion (no --quantization)")
+    ap.add_argument("--compile", action="store_true",
+                    help="let vLLM torch.compile the model (slower start; default --enforce-eager)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--convert-timeout", type=float, default=600)
+    ap.add_argument("--startup-timeout", type=float, default=480)
+    ap.add_argument("--summary-json", type=Path, default=None, help="write results here")
+    ap.add_argument("vllm_args", nargs="*", help="extra `vllm serve` arguments (after --)")
+    args = ap.parse_args(argv)
+
+    t_all = time.monotonic()
+    timings: dict[str, float] = {}
+    summary: dict = {"timings_s": timings}
+
+    # 1. default model
+    t = time.monotonic()
+    model = args.model.expanduser().resolve()
+    if paths.model_is_complete(model):
+        log(f"model: {model} (prepared)")
+    elif model == paths.default_model_dir():
+        log("default model missing: running serving/prepare_model.py")
+        subprocess.run([sys.executable, str(Path(__file__).with_name("prepare_model.py"))],
+                       check=True)
+    elif not (model / "config.json").is_file():
+        raise SystemExit(f"{model} has no config.json")
+    timings["model"] = time.monotonic() - t
+
+    # 2. convert
+    t = time.monotonic()
+    if args.no_quant:
+        ckpt, quant_args = model, []
+        log("--no-quant: serving the bf16 model")
+    else:
+        pct = f"{args.outlier_fraction * 100:g}".replace(".", "p")
+        ckpt = (args.ckpt or paths.ckpt_dir(f"smollm2-w{args.bits}-o{pct}")).expanduser().resolve()
+        log(convert(model, ckpt, args))
+        quant_args = ["--quantization", "quantease"]
+    timings["convert"] = time.monotonic() - t
+
+    vllm_args = [*quant_args, "--max-model-len", str(args.max_model_len),
+                 "--served-model-name", ckpt.name]
+    if not args.compile:
+        vllm_args.append("--enforce-eager")
+    if not all((ckpt / f).is_file() for f in TOKENIZER_FILES):
+        log(f"no tokenizer files in {ckpt}: using the tokenizer of {model}")
+        vllm_args += ["--tokenizer", str(model)]
+    if not (ckpt / "generation_config.json").is_file():
+        log(f"note: {ckpt} has no generation_config.json")
+    vllm_args += args.vllm_args
+
+    # 3.-5. serve, query, stop
+    t = time.monotonic()
+    srv = VllmServer(ckpt, *vllm_args, startup_timeout=args.startup_timeout, max_lifetime=900)
+    with srv:
+        timings["serve_startup"] = time.monotonic() - t
+        summary["rss_gib"] = round(srv.rss_bytes() / 2**30, 3)
+        summary["pss_gib"] = round(srv.pss_bytes() / 2**30, 3)
+        print(srv.memory_report(), flush=True)
+        client = srv.openai_client()
+
+        t = time.monotonic()
+        comp = client.completions.create(model=srv.model_name, prompt=PROMPT,
+                                         max_tokens=args.max_tokens, temperature=0.0)
+        timings["completion"] = time.monotonic() - t
+        summary["completion"] = comp.choices[0].text
+        log(f"completion ({timings['completion']:.2f} s): {PROMPT!r} -> {comp.choices[0].text!r}")
+
+        t = time.monotonic()
+        chat = client.chat.completions.create(
+            model=srv.model_name, messages=[{"role": "user", "content": CHAT}],
+            max_tokens=32, temperature=0.0)
+        timings["chat"] = time.monotonic() - t
+        summary["chat"] = chat.choices[0].message.content
+        log(f"chat ({timings['chat']:.2f} s): {CHAT!r} -> {chat.choices[0].message.content!r}")
+        srv.rss_bytes()  # one more sample for the peak
+        summary["peak_rss_gib"] = round(srv.peak_rss_bytes / 2**30, 3)
+        t = time.monotonic()
+    timings["stop"] = time.monotonic() - t
+    timings["total"] = time.monotonic() - t_all
+
+    summary.update(model=str(model), ckpt=str(ckpt), vllm_args=vllm_args,
+                   log=str(srv.log_path), startup_s=srv.startup_seconds)
+    print("\n[demo] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print(f"[demo] server RSS after start-up {summary['rss_gib']:.2f} GiB "
+          f"(PSS {summary['pss_gib']:.2f} GiB, peak RSS {summary['peak_rss_gib']:.2f} GiB); "
+          f"log {srv.log_path}")
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
