@@ -37,6 +37,7 @@ def assemble_outliers(
     in_features: int,
     col_start: int = 0,
     col_count: int | None = None,
+    value_dtype: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """COO (rows, cols, vals) of this rank's outliers.
 
@@ -44,7 +45,7 @@ def assemble_outliers(
     to; ``[col_start, col_start + col_count)`` is this rank's input slice
     (row-parallel layers), and kept columns are re-based to it. An empty stash
     means the weights were not loaded from a checkpoint (``load_format=dummy``)
-    and yields no outliers.
+    and yields no outliers. Values keep the checkpoint's ``value_dtype``.
     """
     col_count = in_features - col_start if col_count is None else col_count
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -68,9 +69,9 @@ def assemble_outliers(
         rows = csr_rows(ptr - lo) + piece.dst_offset
         c = cols[lo:hi].to(torch.int64)
         keep = (c >= col_start) & (c < col_start + col_count)
-        parts.append((rows[keep], c[keep] - col_start, vals[lo:hi][keep].float()))
+        parts.append((rows[keep], c[keep] - col_start, vals[lo:hi][keep].to(value_dtype)))
     if not parts:
         empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty.clone(), torch.zeros(0, dtype=torch.float32)
+        return empty, empty.clone(), torch.zeros(0, dtype=value_dtype)
     rows, cols, vals = (torch.cat(t) for t in zip(*parts))
     return rows, cols, vals

@@ -15,6 +15,7 @@ this rank in ``process_weights_after_loading`` (see ``qe_vllm.outlier_shards``).
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from functools import partial
 from typing import Any, Hashable
@@ -58,6 +59,22 @@ from qe_vllm.outlier_shards import RowSlice, assemble_outliers
 
 # Under the "vllm" logger tree so messages use vLLM's handler, format and VLLM_LOGGING_LEVEL.
 logger = init_logger("vllm.quantease")
+
+# "auto": Triton kernels on CUDA with Triton available, the torch path elsewhere;
+# "torch" / "triton" force one path (forcing "triton" off-GPU runs the custom op's
+# torch fallback, which exercises the kernel layout and op plumbing on CPU).
+KERNEL_ENV = "QE_VLLM_KERNEL"
+
+
+def _use_kernel_op(device: torch.device) -> bool:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}; choose auto, torch or triton")
+    if choice != "auto":
+        return choice == "triton"
+    from vllm.triton_utils import HAS_TRITON
+
+    return device.type == "cuda" and HAS_TRITON
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -198,7 +215,8 @@ class QuantEaseLinearMethod(LinearMethodBase):
         try:
             validate_grid_values(prefix, {n: getattr(layer, n, None) for n in ("scales", "qzeros")}, fmt)
             rows, cols, vals = assemble_outliers(
-                prefix, layer._qe_stash, plan, in_full, col_start, in_pp
+                prefix, layer._qe_stash, plan, in_full, col_start, in_pp,
+                value_dtype=OUTLIER_VALUE_DTYPES[fmt.outlier_dtype],
             )
         except ValueError as e:
             raise CheckpointFormatError(f"QuantEase checkpoint is invalid: {e}") from None
@@ -206,24 +224,61 @@ class QuantEaseLinearMethod(LinearMethodBase):
         for name in OUTLIER_TENSORS:
             delattr(layer, name)
 
-        out_pp = layer.qweight.shape[0]
-        flat = rows * in_pp + cols
-        index_dtype = torch.int32 if out_pp * in_pp < 2**31 else torch.int64
         device = layer.qweight.device
-        layer.outlier_index = Parameter(flat.to(device, index_dtype), requires_grad=False)
-        layer.outlier_val = Parameter(vals.to(device, torch.float16), requires_grad=False)
-        # Plain Parameters from here on: vLLM's parameter subclasses only matter for loading.
-        for name in ("qweight", "scales", "qzeros"):
-            if hasattr(layer, name):
-                setattr(layer, name, Parameter(getattr(layer, name).data, requires_grad=False))
-        self._account(layer, out_pp, in_pp)
+        canonical = {n: getattr(layer, n).data for n in ("qweight", "scales", "qzeros") if hasattr(layer, n)}
+        for name in canonical:
+            delattr(layer, name)
+        if _use_kernel_op(device):
+            self._prepare_kernel(layer, canonical, (rows, cols, vals))
+        else:
+            self._prepare_torch(layer, canonical, rows, cols, vals)
+        self._account(layer)
 
-    def _account(self, layer: torch.nn.Module, out_pp: int, in_pp: int) -> None:
+    def _prepare_torch(
+        self,
+        layer: torch.nn.Module,
+        canonical: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+    ) -> None:
+        """Keep the canonical tensors; outliers become flat ``row * in + col`` indices."""
+        out_pp, in_pp = canonical["qweight"].shape[0], layer.qe_in_features
+        index_dtype = torch.int32 if out_pp * in_pp < 2**31 else torch.int64
+        device = canonical["qweight"].device
+        for name, t in canonical.items():
+            layer.register_parameter(name, Parameter(t, requires_grad=False))
+        flat = (rows * in_pp + cols).to(device, index_dtype)
+        layer.outlier_index = Parameter(flat, requires_grad=False)
+        layer.outlier_val = Parameter(vals.to(device), requires_grad=False)
+
+    def _prepare_kernel(
+        self,
+        layer: torch.nn.Module,
+        canonical: dict[str, torch.Tensor],
+        outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Re-pack once into the Triton kernels' layout; the canonical tensors are dropped."""
+        from qe_vllm.kernels.layout import pack_weights
+
+        device = canonical["qweight"].device
+        outliers = tuple(t.to(device) for t in outliers)
+        layer.qe_kernel_weights = pack_weights(canonical, self.fmt, layer.qe_in_features, outliers=outliers)
+        logger.info_once("Using QuantEase Triton kernels (torch.ops.quantease.linear)")
+
+    def _account(self, layer: torch.nn.Module) -> None:
         cfg = self.quant_config
-        nbytes = sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False))
+        kernel_weights = getattr(layer, "qe_kernel_weights", None)
+        if kernel_weights is not None:
+            nbytes = kernel_weights.nbytes()
+            nnz = 0 if kernel_weights.outliers is None else kernel_weights.outliers.numel()
+        else:
+            own = (getattr(layer, n, None) for n in ("qweight", "scales", "qzeros", "outlier_index", "outlier_val"))
+            nbytes = sum(t.numel() * t.element_size() for t in own if t is not None)
+            nnz = layer.outlier_val.numel()
         cfg.resident_bytes += nbytes
-        cfg.dense_bytes += out_pp * in_pp * 2
-        cfg.nnz += layer.outlier_val.numel()
+        cfg.dense_bytes += sum(layer.output_partition_sizes) * layer.qe_in_features * 2
+        cfg.nnz += nnz
         cfg.layers_loaded += 1
         if cfg.layers_loaded == cfg.layers_created:
             logger.info(
@@ -239,6 +294,11 @@ class QuantEaseLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        kernel_weights = getattr(layer, "qe_kernel_weights", None)
+        if kernel_weights is not None:
+            from qe_vllm.kernels.ops import quantease_linear
+
+            return quantease_linear(x, kernel_weights, bias)
         fmt = self.fmt
         return quantease_linear_torch(
             x,

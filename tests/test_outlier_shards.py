@@ -18,7 +18,7 @@ def _sparse(out_f: int, in_f: int, density: float, seed: int) -> torch.Tensor:
 
 def _to_dense(rows, cols, vals, out_f, in_f) -> torch.Tensor:
     d = torch.zeros(out_f, in_f)
-    d.index_put_((rows, cols), vals, accumulate=True)
+    d.index_put_((rows, cols), vals.float(), accumulate=True)
     return d
 
 

@@ -44,29 +44,105 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a("--model", required=True, help="local model directory, or a hub id already in the Hugging Face cache")
-    a("--output", required=True, type=Path, help="directory to create (refused if it exists, unless --overwrite)")
-    a("--bits", type=int, choices=(2, 3, 4, 8), default=DEFAULTS["bits"], help="bits per weight code (default %(default)s)")
-    a("--group-size", type=int, default=DEFAULTS["group_size"],
-      help="input columns sharing one scale/zero: a power of two >= 8, or -1 for one group per row (default %(default)s)")
-    a("--sym", action="store_true", help="symmetric grid (no stored zero points); default asymmetric")
-    a("--method", choices=METHODS, default=DEFAULTS["method"],
-      help="rtn: round to nearest, no data; gptq; quantease: coordinate descent (default %(default)s)")
-    a("--outlier-fraction", type=float, default=DEFAULTS["outlier_fraction"],
-      help="fraction of each layer's weights kept as float16 outliers, e.g. 0.01 (default %(default)s)")
-    a("--outlier-structure", choices=("unstructured", "columns"), default=DEFAULTS["outlier_structure"],
-      help="outliers anywhere, or whole input columns (default %(default)s)")
+    a(
+        "--model",
+        required=True,
+        help="local model directory, or a hub id already in the Hugging Face cache",
+    )
+    a(
+        "--output",
+        required=True,
+        type=Path,
+        help="directory to create (refused if it exists, unless --overwrite)",
+    )
+    a(
+        "--bits",
+        type=int,
+        choices=(2, 3, 4, 8),
+        default=DEFAULTS["bits"],
+        help="bits per weight code (default %(default)s)",
+    )
+    a(
+        "--group-size",
+        type=int,
+        default=DEFAULTS["group_size"],
+        help="input columns sharing one scale/zero: a power of two >= 8, or -1 for one group per row (default %(default)s)",
+    )
+    a(
+        "--sym",
+        action="store_true",
+        help="symmetric grid (no stored zero points); default asymmetric",
+    )
+    a(
+        "--method",
+        choices=METHODS,
+        default=DEFAULTS["method"],
+        help="rtn: round to nearest, no data; gptq; quantease: coordinate descent (default %(default)s)",
+    )
+    a(
+        "--outlier-fraction",
+        type=float,
+        default=DEFAULTS["outlier_fraction"],
+        help="fraction of each layer's weights kept as float16 outliers, e.g. 0.01 (default %(default)s)",
+    )
+    a(
+        "--outlier-structure",
+        choices=("unstructured", "columns"),
+        default=DEFAULTS["outlier_structure"],
+        help="outliers anywhere, or whole input columns (default %(default)s)",
+    )
     a("--iters", type=int, default=DEFAULTS["iters"], help="QuantEase sweeps (default %(default)s)")
-    a("--damp", type=float, default=DEFAULTS["damp"], help="dampening, relative to mean diag(Σ) (default %(default)s)")
-    a("--init", choices=("w", "rtn", "gptq"), default=DEFAULTS["init"], help="QuantEase start point (default %(default)s)")
-    a("--calib-data", help="calibration text: .txt/.json/.jsonl/.parquet file, a directory of .txt files, "
-      "or a datasets name NAME[:CONFIG][@SPLIT]; required unless --method rtn")
-    a("--nsamples", type=int, default=DEFAULTS["nsamples"], help="calibration windows (default %(default)s)")
-    a("--seqlen", type=int, default=DEFAULTS["seqlen"], help="tokens per calibration window (default %(default)s)")
-    a("--device", choices=("cpu", "cuda", "auto"), default="auto", help="where blocks are solved (default %(default)s)")
-    a("--seed", type=int, default=DEFAULTS["seed"], help="seed of the calibration windows and solvers (default %(default)s)")
-    a("--resume", action="store_true", help="continue an interrupted conversion into the same --output")
-    a("--overwrite", action="store_true", help="replace an existing --output (and discard an interrupted run)")
+    a(
+        "--damp",
+        type=float,
+        default=DEFAULTS["damp"],
+        help="dampening, relative to mean diag(Σ) (default %(default)s)",
+    )
+    a(
+        "--init",
+        choices=("w", "rtn", "gptq"),
+        default=DEFAULTS["init"],
+        help="QuantEase start point (default %(default)s)",
+    )
+    a(
+        "--calib-data",
+        help="calibration text: .txt/.json/.jsonl/.parquet file, a directory of .txt files, "
+        "or a datasets name NAME[:CONFIG][@SPLIT]; required unless --method rtn",
+    )
+    a(
+        "--nsamples",
+        type=int,
+        default=DEFAULTS["nsamples"],
+        help="calibration windows (default %(default)s)",
+    )
+    a(
+        "--seqlen",
+        type=int,
+        default=DEFAULTS["seqlen"],
+        help="tokens per calibration window (default %(default)s)",
+    )
+    a(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="where blocks are solved (default %(default)s)",
+    )
+    a(
+        "--seed",
+        type=int,
+        default=DEFAULTS["seed"],
+        help="seed of the calibration windows and solvers (default %(default)s)",
+    )
+    a(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted conversion into the same --output",
+    )
+    a(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output (and discard an interrupted run)",
+    )
     return p
 
 
@@ -83,34 +159,58 @@ def summary(r: ConvertReport) -> str:
     size = sum(f.stat().st_size for f in r.output.iterdir() if f.is_file())
     original = sum(f.stat().st_size for f in r.source.glob("*.safetensors"))
     errors = [e for e in q.provenance["relative_error"].values() if e is not None]
-    lines = [
-        f"qe-convert: wrote {r.output}",
-        f"  model           {r.source.name} ({r.architecture}), {len(r.shapes)} linears quantized, "
-        f"{', '.join(q.modules_to_not_convert) or 'none'} kept",
-        f"  quantization    {q.provenance['method']}, {q.bits}-bit, group {q.group_size}, "
-        f"{'sym' if q.sym else 'asym'}, outliers {100 * q.outlier_fraction:.2f}% {q.outlier_structure}",
-        f"  bits/weight     {8 * total / weights:.3f} effective over {weights / 1e6:.2f} M quantized weights "
-        f"(grid+scales+zeros {8 * (total - outliers) / weights:.3f}, outliers {8 * outliers / weights:.3f})",
-        f"  size on disk    {_mb(size)} vs {_mb(original)} original ({size / original:.2f}x)",
+    kept = ", ".join(q.modules_to_not_convert) or "none"
+    grid = "sym" if q.sym else "asym"
+    rows = [
+        (
+            "model",
+            f"{r.source.name} ({r.architecture}), {len(r.shapes)} linears quantized, {kept} kept",
+        ),
+        (
+            "quantization",
+            f"{q.provenance['method']}, {q.bits}-bit, group {q.group_size}, {grid}, "
+            f"outliers {100 * q.outlier_fraction:.2f}% {q.outlier_structure}",
+        ),
+        (
+            "bits/weight",
+            f"{8 * total / weights:.3f} effective over {weights / 1e6:.2f} M quantized weights "
+            f"(codes+scales+zeros {8 * (total - outliers) / weights:.3f}, outliers {8 * outliers / weights:.3f})",
+        ),
+        ("size on disk", f"{_mb(size)} vs {_mb(original)} original ({size / original:.2f}x)"),
     ]
     if errors:
-        lines.append(f"  recon. error    mean {sum(errors) / len(errors):.3e}, max {max(errors):.3e} "
-                     "(relative, per layer, in config.json provenance)")
-    lines.append(f"  time            {r.seconds:.1f} s")
+        rows.append(
+            (
+                "recon. error",
+                f"mean {sum(errors) / len(errors):.3e}, max {max(errors):.3e} "
+                "(relative, per layer; all in config.json provenance)",
+            )
+        )
+    rows.append(("time", f"{r.seconds:.1f} s"))
+    lines = [f"qe-convert: wrote {r.output}"] + [f"  {k:<15} {v}" for k, v in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own progress and one-line errors
     opts = ConvertOptions(**{k: getattr(args, k) for k in DEFAULTS})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
         with logging_redirect_tqdm():
-            report = convert(args.model, args.output, opts, device=args.device,
-                             resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, OSError, NotImplementedError) as e:
+            report = convert(
+                args.model,
+                args.output,
+                opts,
+                device=args.device,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
+    except (ValueError, OSError) as e:
         print(f"qe-convert: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

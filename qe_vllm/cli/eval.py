@@ -39,19 +39,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a("--model", required=True, help="model directory (original or converted by qe-convert), or a cached hub id")
-    a("--data", required=True, help="evaluation text: a .txt file (used as given), .json/.jsonl/.parquet, "
-      "a directory of .txt files, or a datasets name NAME[:CONFIG][@SPLIT]")
+    a(
+        "--model",
+        required=True,
+        help="model directory (original or converted by qe-convert), or a cached hub id",
+    )
+    a(
+        "--data",
+        required=True,
+        help="evaluation text: a .txt file (used as given), .json/.jsonl/.parquet, "
+        "a directory of .txt files, or a datasets name NAME[:CONFIG][@SPLIT]",
+    )
     a("--seqlen", type=int, default=2048, help="tokens per window (default %(default)s)")
     a("--windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    a("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default %(default)s)")
+    a(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="compute dtype (default %(default)s)",
+    )
     a("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     a("--output", type=Path, help="also write the result as JSON to this file")
     return p
 
 
 @torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seqlen: int, windows: int, device: torch.device) -> tuple[float, int]:
+def perplexity(
+    model, tokens: torch.Tensor, seqlen: int, windows: int, device: torch.device
+) -> tuple[float, int]:
     """``(ppl, scored tokens)`` over the first ``windows`` non-overlapping windows of ``tokens``."""
     nll, count = 0.0, 0
     for i in range(windows):
@@ -62,7 +77,9 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, windows: int, device: t
     return math.exp(nll / count), count
 
 
-def evaluate(model_name: str, data: str, seqlen: int, windows: int | None, dtype: str, device: str) -> dict:
+def evaluate(
+    model_name: str, data: str, seqlen: int, windows: int | None, dtype: str, device: str
+) -> dict:
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -71,7 +88,9 @@ def evaluate(model_name: str, data: str, seqlen: int, windows: int | None, dtype
     tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(data))
     available = tokens.numel() // seqlen
     if available == 0:
-        raise ValueError(f"{data} has {tokens.numel()} tokens, fewer than one window of seqlen={seqlen}")
+        raise ValueError(
+            f"{data} has {tokens.numel()} tokens, fewer than one window of seqlen={seqlen}"
+        )
     n = available if windows is None else min(windows, available)
     if n < 1:
         raise ValueError(f"--windows must be at least 1, got {windows}")
@@ -93,6 +112,9 @@ def evaluate(model_name: str, data: str, seqlen: int, windows: int | None, dtype
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own progress and one-line errors
     try:
         result = evaluate(args.model, args.data, args.seqlen, args.windows, args.dtype, args.device)
     except (ValueError, OSError) as e:
@@ -101,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.write_text(text + "\n")
-    print(f"perplexity {result['ppl']:.4f} ({result['windows']} x {result['seqlen']} tokens, "
-          f"{'quantease' if result['quantized'] else 'original'} model, {result['seconds']} s)")
+    print(
+        f"perplexity {result['ppl']:.4f} ({result['windows']} x {result['seqlen']} tokens, "
+        f"{'quantease' if result['quantized'] else 'original'} model, {result['seconds']} s)"
+    )
     print(text)
     return 0
 
