@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from qe_vllm.converters.pipeline import METHODS, ConvertOptions, ConvertReport, convert
-from qe_vllm.format import linear_nbytes
+from qe_vllm.format import ROW_PTR, QuantEaseConfig, expected_tensors, linear_nbytes
 
 EPILOG = """\
 examples:
@@ -150,17 +150,23 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.1f} MB"
 
 
+def _row_ptr_nbytes(q: QuantEaseConfig, out_features: int, in_features: int) -> int:
+    dtype, (n,) = expected_tensors(q, out_features, in_features)[ROW_PTR]
+    return n * dtype.itemsize
+
+
 def summary(r: ConvertReport) -> str:
     """Human-readable account of what was written and what it costs per weight."""
     q = r.qcfg
     weights = sum(o * i for o, i in r.shapes.values())
     total = sum(linear_nbytes(q, o, i, r.nnz[n]) for n, (o, i) in r.shapes.items())
-    outliers = total - sum(linear_nbytes(q, o, i, 0) for o, i in r.shapes.values())
+    grid = sum(linear_nbytes(q, o, i, 0) - _row_ptr_nbytes(q, o, i) for o, i in r.shapes.values())
+    outliers = total - grid  # values, column indices and row pointers
     size = sum(f.stat().st_size for f in r.output.iterdir() if f.is_file())
     original = sum(f.stat().st_size for f in r.source.glob("*.safetensors"))
     errors = [e for e in q.provenance["relative_error"].values() if e is not None]
     kept = ", ".join(q.modules_to_not_convert) or "none"
-    grid = "sym" if q.sym else "asym"
+    symmetry = "sym" if q.sym else "asym"
     rows = [
         (
             "model",
@@ -168,13 +174,13 @@ def summary(r: ConvertReport) -> str:
         ),
         (
             "quantization",
-            f"{q.provenance['method']}, {q.bits}-bit, group {q.group_size}, {grid}, "
+            f"{q.provenance['method']}, {q.bits}-bit, group {q.group_size}, {symmetry}, "
             f"outliers {100 * q.outlier_fraction:.2f}% {q.outlier_structure}",
         ),
         (
             "bits/weight",
             f"{8 * total / weights:.3f} effective over {weights / 1e6:.2f} M quantized weights "
-            f"(codes+scales+zeros {8 * (total - outliers) / weights:.3f}, outliers {8 * outliers / weights:.3f})",
+            f"(codes+scales+zeros {8 * grid / weights:.3f}, outliers {8 * outliers / weights:.3f})",
         ),
         ("size on disk", f"{_mb(size)} vs {_mb(original)} original ({size / original:.2f}x)"),
     ]

@@ -1,0 +1,294 @@
+"""Write and read QuantEase checkpoints on disk, atomically.
+
+A checkpoint is a Hugging Face model directory whose quantized linears ``P`` are
+stored as ``P.qweight``, ``P.scales``, ``P.qzeros`` (asymmetric grids only) and
+the CSR outlier triple ``P.outlier_row_ptr`` / ``P.outlier_col_idx`` /
+``P.outlier_val`` (``qe_vllm.format`` defines their meaning), next to every other
+tensor as in the original, with ``quantization_config`` in ``config.json``.
+
+Atomicity: everything is written into a hidden sibling directory, fsynced, and
+renamed into place only when complete, with ``config.json`` written last. A crash
+at any point leaves either the old state or a hidden ``.NAME.partial`` directory
+that no loader mistakes for a model (the conversion pipeline keeps its resume
+state there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qe_vllm.format import (
+    OUTLIER_TENSORS,
+    QWEIGHT,
+    QZEROS,
+    SCALES,
+    QuantEaseConfig,
+    dense_weight,
+    validate_linear,
+)
+
+CONFIG = "config.json"
+SINGLE_SHARD = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+LAYER_TENSORS = (QWEIGHT, SCALES, QZEROS, *OUTLIER_TENSORS)
+# Files next to the weights that a served model needs: tokenizer, chat template, generation defaults, licence.
+SIDE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "generation_config.json",
+    "LICENSE*",
+    "NOTICE*",
+)
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def partial_dir(output: Path) -> Path:
+    """The hidden sibling where a conversion into ``output`` is staged (and can be resumed)."""
+    return output.parent / f".{output.name}.partial"
+
+
+def check_output(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber ``output`` or an interrupted run into it (cheap: call before any work)."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(
+            f"output directory {output} already exists; pass --overwrite to replace it"
+        )
+    staging = partial_dir(output)
+    if staging.exists() and not resume and not overwrite:
+        raise FileExistsError(
+            f"an interrupted conversion into {output} was left at {staging}; "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+
+
+def prepare_partial(output: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Create (or, with ``resume``, reuse) the staging directory for ``output``."""
+    check_output(output, overwrite=overwrite, resume=resume)
+    staging = partial_dir(output)
+    if staging.exists() and not resume:
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def publish(staging: Path, output: Path) -> None:
+    """fsync ``staging`` and rename it to ``output`` (replacing an existing ``output``)."""
+    for f in staging.iterdir():
+        _fsync(f)
+    _fsync(staging)
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.rename(output, old)
+    os.rename(staging, output)
+    _fsync(output.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextmanager
+def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A fresh hidden temp directory that becomes ``output`` on success and vanishes on failure."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(
+            f"output directory {output} already exists; pass --overwrite to replace it"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield staging
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file (a separate function so tests can make it fail mid-save)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_model_dir(
+    staging: Path,
+    tensors: dict[str, torch.Tensor],
+    hf_config: dict[str, Any],
+    source_dir: Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """Write weights (sharded), side files copied from ``source_dir``, and ``config.json`` last."""
+    names = sorted(tensors)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        _write_shard(staging / SINGLE_SHARD, {n: tensors[n] for n in names})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(staging / file, {n: tensors[n] for n in shard})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for pattern in SIDE_FILES:
+        for f in sorted(source_dir.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, staging / f.name)
+    _write_json(staging / CONFIG, hf_config)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def quantized_config(hf_config: dict[str, Any], qcfg: QuantEaseConfig) -> dict[str, Any]:
+    """The original ``config.json`` dict with ``quantization_config`` set."""
+    return {**hf_config, "quantization_config": qcfg.to_dict()}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no {CONFIG}: not a Hugging Face model directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of a model directory (CPU)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def linear_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of every ``nn.Linear`` of the model, built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hf_config)
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+def model_dtype(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The model's storage dtype: from config.json, else that of its first floating tensor."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    return next(t.dtype for _, t in sorted(tensors.items()) if t.is_floating_point())
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A QuantEase checkpoint read back and validated."""
+
+    hf_config: dict[str, Any]
+    qcfg: QuantEaseConfig
+    layers: dict[str, dict[str, torch.Tensor]]
+    """Quantized linears: module name -> {tensor name without prefix: tensor}."""
+    shapes: dict[str, tuple[int, int]]
+    """Quantized linears: module name -> (out_features, in_features)."""
+    others: dict[str, torch.Tensor]
+    """Every other tensor (embeddings, norms, biases, untied lm_head) as stored."""
+
+
+def read_quantized(model_dir: Path) -> QuantizedCheckpoint:
+    """Read a QuantEase checkpoint and validate every quantized linear against the format."""
+    hf_config = read_config(model_dir)
+    if "quantization_config" not in hf_config:
+        raise ValueError(
+            f"{model_dir} is not a QuantEase checkpoint (config.json has no quantization_config)"
+        )
+    qcfg = QuantEaseConfig.from_dict(hf_config["quantization_config"])
+    tensors = read_tensors(model_dir)
+    suffix = "." + QWEIGHT
+    modules = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    layers = {
+        m: {t: tensors.pop(f"{m}.{t}") for t in LAYER_TENSORS if f"{m}.{t}" in tensors}
+        for m in modules
+    }
+    all_shapes = linear_shapes(hf_config)
+    for m, t in layers.items():
+        if m not in all_shapes:
+            raise ValueError(
+                f"{model_dir}: quantized tensors for {m!r}, which is not a linear layer of the model"
+            )
+        validate_linear(m, t, qcfg, *all_shapes[m])
+    return QuantizedCheckpoint(hf_config, qcfg, layers, {m: all_shapes[m] for m in layers}, tensors)
+
+
+def load_quantized_state(
+    model_dir: Path,
+) -> tuple[QuantEaseConfig, dict[str, dict[str, torch.Tensor]]]:
+    """``(config, {module: tensors})`` of a checkpoint, every layer validated with ``validate_linear``."""
+    ckpt = read_quantized(Path(model_dir))
+    return ckpt.qcfg, ckpt.layers
+
+
+def dense_reference(model_dir: Path, out_dir: Path, *, overwrite: bool = False) -> None:
+    """Write a plain HF checkpoint whose linears hold the dequantized effective weights.
+
+    The oracle for tests: any correct loader of the QuantEase checkpoint must
+    behave like this dense model (up to the rounding of the effective weights to
+    the model dtype, which this checkpoint stores).
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    ckpt = read_quantized(model_dir)
+    dtype = model_dtype(ckpt.hf_config, ckpt.others)
+    tensors = dict(ckpt.others)
+    for m, t in ckpt.layers.items():
+        tensors[f"{m}.weight"] = dense_weight(t, ckpt.qcfg, ckpt.shapes[m][1]).to(dtype)
+    config = {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
+    with staged_output(out_dir, overwrite=overwrite) as staging:
+        write_model_dir(staging, tensors, config, model_dir)

@@ -1,0 +1,156 @@
+"""Shared fixtures: tiny random models (always) and a 2-block cut of SmolLM2 (when prepared).
+
+Everything is session-scoped and written under pytest's tmp_path_factory, so a
+model is built once per test session and nothing lands in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("QE_DATA_DIR", REPO.parent / "shared" / "data"))
+SMOLLM2_DIR = (
+    Path(os.environ.get("QE_CACHE_DIR", REPO / ".cache")) / "models" / "SmolLM2-135M-Instruct"
+)
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+os.environ.update(OFFLINE_ENV)
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a console script of this venv (``qe-convert``, ``qe-eval``) as a user would."""
+    exe = Path(sys.executable).parent / name
+    return subprocess.run(
+        [str(exe), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **OFFLINE_ENV},
+    )
+
+
+def _train_tokenizer(out: Path) -> None:
+    """A 512-token byte-level BPE trained on this repository's own source text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    files = sorted(str(p) for p in (REPO / "qe_vllm").rglob("*.py"))
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Random bf16 Llama with GQA (4 heads, 2 KV heads), 2 blocks, untied lm_head, + tokenizer."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
+    model.save_pretrained(out)
+    _train_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    """Random bf16 OPT (linears with biases, learned positions), 2 blocks, + tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-opt")
+    cfg = OPTConfig(
+        vocab_size=512,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        word_embed_proj_dim=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    OPTForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    _train_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "wikitext-2-raw-test.txt").is_file():
+        pytest.skip(f"shared text data not found at {DATA_DIR} (set QE_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_2blocks(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct cut to its first 2 decoder blocks: real weight statistics, tiny runtime."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.skip(f"SmolLM2 not prepared at {SMOLLM2_DIR} (run serving/prepare_model.py)")
+    keep_blocks = 2
+    out = tmp_path_factory.mktemp("smollm2-2blocks")
+    tensors = {}
+    for f in sorted(SMOLLM2_DIR.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                m = re.match(r"model\.layers\.(\d+)\.", k)
+                if m is None or int(m.group(1)) < keep_blocks:
+                    tensors[k] = sf.get_tensor(k)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((SMOLLM2_DIR / "config.json").read_text())
+    config["num_hidden_layers"] = keep_blocks
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:keep_blocks]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in SMOLLM2_DIR.iterdir():
+        if (
+            f.is_file()
+            and f.suffix != ".safetensors"
+            and f.name not in ("config.json", "model.safetensors.index.json")
+        ):
+            shutil.copyfile(f, out / f.name)
+    return out

@@ -1,0 +1,165 @@
+"""Calibrated layer-wise conversion: GPTQ/QuantEase on real weights, resume, a second architecture."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qe_vllm.converters import pipeline
+from qe_vllm.converters.architectures import TABLE
+from qe_vllm.converters.calibration import calibration_windows, load_text
+from qe_vllm.converters.checkpoint import dense_reference, load_quantized_state, partial_dir
+from qe_vllm.converters.hf_loading import load_model
+from qe_vllm.converters.pipeline import ConvertOptions, convert
+
+
+@pytest.fixture(scope="module")
+def gptq_opts(data_dir) -> ConvertOptions:
+    return ConvertOptions(
+        method="gptq",
+        bits=4,
+        group_size=128,
+        calib_data=str(data_dir / "austen" / "northangerabbey.txt"),
+        nsamples=4,
+        seqlen=128,
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def gptq_cut(smollm2_2blocks, gptq_opts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gptq") / "cut-gptq"
+    return convert(str(smollm2_2blocks), out, gptq_opts, device="cpu")
+
+
+def test_gptq_on_real_weights(gptq_cut):
+    qcfg, layers = load_quantized_state(gptq_cut.output)
+    prov = qcfg.provenance
+    assert prov["method"] == "gptq" and prov["calibration"]["nsamples"] == 4 and prov["seed"] == 3
+    errors = prov["relative_error"]
+    assert set(errors) == set(layers) and len(layers) == 14
+    assert all(0 < e < 0.05 for e in errors.values()), errors  # 4-bit g128 on real weights: small
+    assert all(t["outlier_col_idx"].numel() == 0 for t in layers.values())
+
+
+def test_quantease_not_worse_than_its_gptq_start(smollm2_2blocks, gptq_opts, gptq_cut):
+    """Block 0 sees the same Σ as in the GPTQ run; QuantEase descends from the GPTQ point on the true objective."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    opts = replace(gptq_opts, method="quantease", iters=1)
+    net = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype="auto")
+    windows = calibration_windows(
+        AutoTokenizer.from_pretrained(smollm2_2blocks),
+        opts.calib_data,
+        opts.nsamples,
+        opts.seqlen,
+        opts.seed,
+    )
+    cpu = torch.device("cpu")
+    arch = TABLE["LlamaForCausalLM"]
+    with torch.no_grad(), pipeline.exact_matmul():
+        acts, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        _, e_q = pipeline.quantize_block(
+            net.model.layers[0], arch, opts, cpu, acts, kwargs, "model.layers.0"
+        )
+    e_g = gptq_cut.qcfg.provenance["relative_error"]
+    assert len(e_q) == 7
+    for n, e in e_q.items():
+        assert e <= e_g[f"model.layers.0.{n}"] * (1 + 1e-6), (n, e, e_g[f"model.layers.0.{n}"])
+    assert sum(e_q.values()) < sum(e_g[f"model.layers.0.{n}"] for n in e_q)
+
+
+def test_resume_is_byte_identical(smollm2_2blocks, gptq_opts, gptq_cut, tmp_path, monkeypatch):
+    out = tmp_path / "cut-gptq"
+    real = pipeline.quantize_block
+    calls = []
+
+    def interrupted(block, arch, opts, device, acts, kwargs, label):
+        if label.endswith(".1"):
+            raise KeyboardInterrupt
+        return real(block, arch, opts, device, acts, kwargs, label)
+
+    monkeypatch.setattr(pipeline, "quantize_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(smollm2_2blocks), out, gptq_opts, device="cpu")
+    assert not out.exists()
+    assert json.loads((partial_dir(out) / "_work" / "progress.json").read_text()) == {
+        "next_block": 1
+    }
+
+    with pytest.raises(ValueError, match="different settings"):
+        convert(str(smollm2_2blocks), out, replace(gptq_opts, seed=4), device="cpu", resume=True)
+
+    def counting(block, arch, opts, device, acts, kwargs, label):
+        calls.append(label)
+        return real(block, arch, opts, device, acts, kwargs, label)
+
+    monkeypatch.setattr(pipeline, "quantize_block", counting)
+    convert(str(smollm2_2blocks), out, gptq_opts, device="cpu", resume=True)
+    assert calls == ["model.layers.1"]  # block 0 came from the saved state
+    assert not partial_dir(out).exists()
+    reference = gptq_cut.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for f in reference.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("method", ["gptq", "quantease"])
+def test_opt_family_with_outliers(method, tiny_opt, data_dir, tmp_path):
+    """The second table entry: OPT blocks (learned positions, biased linears), 1% outliers, and back."""
+    opts = ConvertOptions(
+        method=method,
+        bits=4,
+        group_size=32,
+        outlier_fraction=0.01,
+        iters=2,
+        calib_data=str(data_dir / "austen" / "northangerabbey.txt"),
+        nsamples=4,
+        seqlen=64,
+    )
+    report = convert(str(tiny_opt), tmp_path / "opt", opts, device="cpu")
+    errors = report.qcfg.provenance["relative_error"]
+    assert len(errors) == 12 and all(0 < e < 0.05 for e in errors.values())
+    assert all(
+        n == round(0.01 * o * i) for (o, i), n in zip(report.shapes.values(), report.nnz.values())
+    )
+    dense_reference(report.output, tmp_path / "opt-dense")
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        q = load_model(report.output, torch.bfloat16)(ids).logits
+        d = load_model(tmp_path / "opt-dense", torch.bfloat16)(ids).logits
+        o = load_model(tiny_opt, torch.float32)(ids).logits
+    assert torch.equal(q, d)
+    assert math.isfinite(float(q.float().abs().max())) and not torch.equal(q.float(), o)
+
+
+def test_calibration_sources_and_seeded_windows(smollm2_2blocks, tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_2blocks)
+    rows = [f"Sentence number {i} of a small calibration corpus." for i in range(200)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    datasets.Dataset.from_dict({"id": list(range(200)), "text": rows}).to_parquet(
+        tmp_path / "rows.parquet"
+    )
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("\n\n".join(rows[100:]))
+    (tmp_path / "docs" / "a.txt").write_text("\n\n".join(rows[:100]))
+    joined = "\n\n".join(rows)
+    for source in ("rows.jsonl", "rows.parquet", "docs"):
+        assert load_text(str(tmp_path / source)) == joined, source
+
+    a = calibration_windows(tok, str(tmp_path / "docs"), 5, 32, seed=7)
+    assert a.shape == (5, 32) and torch.equal(
+        a, calibration_windows(tok, str(tmp_path / "docs"), 5, 32, seed=7)
+    )
+    assert not torch.equal(a, calibration_windows(tok, str(tmp_path / "docs"), 5, 32, seed=8))
+    with pytest.raises(ValueError, match="too few"):
+        calibration_windows(tok, str(tmp_path / "docs"), 5, 100_000, seed=7)
+    with pytest.raises(ValueError, match="cannot load text source"):
+        load_text("no_such_dataset_name")
