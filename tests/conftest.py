@@ -119,7 +119,7 @@ def tiny_opt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "wikitext-2-raw-test.txt").is_file():
-        pytest.skip(f"shared text data not found at {DATA_DIR} (set QE_DATA_DIR)")
+        pytest.fail(f"shared text data not found at {DATA_DIR} (set QE_DATA_DIR)")
     return DATA_DIR
 
 
@@ -130,7 +130,7 @@ def smollm2_2blocks(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     if not (SMOLLM2_DIR / "config.json").is_file():
-        pytest.skip(f"SmolLM2 not prepared at {SMOLLM2_DIR} (run serving/prepare_model.py)")
+        pytest.fail(f"SmolLM2 not prepared at {SMOLLM2_DIR}: run `bash serving/setup.sh` first")
     keep_blocks = 2
     out = tmp_path_factory.mktemp("smollm2-2blocks")
     tensors = {}

@@ -175,7 +175,7 @@ def test_env_and_argv_for_vllm(tmp_path, monkeypatch):
 def test_vllm_serves_default_model():
     model = paths.default_model_dir()
     if not paths.model_is_complete(model):
-        pytest.skip(f"default model not prepared ({model}); run serving/setup.sh")
+        pytest.fail(f"default model not prepared ({model}); run `bash serving/setup.sh` first")
     pytest.importorskip("vllm")
     with VllmServer(model, "--max-model-len", "512", "--enforce-eager",
                     startup_timeout=300) as srv:
