@@ -3,7 +3,7 @@
 The checkpoint (``qe_vllm.format``) stores codes as one bit stream per *output* row, which
 is the natural order for the converter but the wrong one for a GEMV/GEMM over ``x [M, K]``:
 a kernel tile wants many output columns per load and one shift pattern per K row. So at
-load time, once, we repack (pure torch; described in ``kernels/LAYOUT.md``):
+load time, once, we repack (pure torch; described in ``docs/FORMAT.md``, "Kernel-side layout"):
 
 * codes packed **along K** into int32 words, stored ``[K_pad / e, N]`` with **N contiguous**
   (``e = 32 / bits`` codes per word, code ``k`` of a word at bits ``(k % e) * bits``) so a
