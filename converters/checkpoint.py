@@ -10,7 +10,14 @@ Atomicity: everything is written into a hidden sibling directory, fsynced, and
 renamed into place only when complete, with ``config.json`` written last. A crash
 at any point leaves either the old state or a hidden ``.NAME.partial`` directory
 that no loader mistakes for a model (the conversion pipeline keeps its resume
-state there).
+state there). A failed write (disk full, file-size limit) surfaces as an ``OSError``
+naming the file, whatever library did the writing.
+
+Reading validates before anything is loaded in bulk: :func:`validate_checkpoint`
+checks the safetensors headers (names, dtypes, shapes) against the geometry in
+``config.json`` and the small tensors' values (scales, zero points, CSR outliers),
+so every loader — transformers, ``qe-eval``, and vLLM through the quantease
+method's ``maybe_update_config`` — fails with one message naming the layer.
 """
 
 from __future__ import annotations
@@ -22,18 +29,20 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qe_vllm.format import (
     OUTLIER_TENSORS,
+    QUANT_METHOD,
     QWEIGHT,
     QZEROS,
     SCALES,
+    CheckpointFormatError,
     QuantEaseConfig,
     dense_weight,
     validate_linear,
@@ -134,9 +143,24 @@ def _fsync(path: Path) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a writer's failure into an ``OSError`` naming ``path``.
+
+    safetensors reports a full disk as ``SafetensorError`` and ``torch.save`` as
+    ``RuntimeError``; callers (the CLI) handle ``OSError`` only, so without this a
+    failed save would end in a traceback instead of one line.
+    """
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as e:
+        raise OSError(f"writing {path} failed ({e}); check free disk space and retry") from None
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """One safetensors file (a separate function so tests can make it fail mid-save)."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    with writing(path):
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def write_model_dir(
@@ -190,17 +214,51 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no {CONFIG}: not a Hugging Face model directory")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({e})") from None
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The ``.safetensors`` files of a model directory; every shard its index names must exist."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointFormatError(f"{index} is not a valid safetensors index ({e!r})") from None
+        if missing := sorted(named - {f.name for f in files}):
+            raise CheckpointFormatError(
+                f"{model_dir}: shard {missing[0]} named in {INDEX} is missing; "
+                "copy the complete checkpoint directory"
+            )
+    return files
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open`` whose header errors name the file (raw ``SafetensorError`` does not)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointFormatError(
+            f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated; "
+            "replace it with a complete copy"
+        ) from None
+    with handle as f:
+        yield f
 
 
 def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files of a model directory (CPU)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} holds no .safetensors weights")
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+    for f in weight_files(model_dir):
+        with _open_safetensors(f) as sf:
             out.update({k: sf.get_tensor(k) for k in sf.keys()})
     return out
 
@@ -243,29 +301,101 @@ class QuantizedCheckpoint:
     """Every other tensor (embeddings, norms, biases, untied lm_head) as stored."""
 
 
-def read_quantized(model_dir: Path) -> QuantizedCheckpoint:
-    """Read a QuantEase checkpoint and validate every quantized linear against the format."""
+# safetensors header dtype names -> torch dtypes (those a checkpoint can hold).
+_HEADER_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+    "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass
+class CheckpointGeometry:
+    """What :func:`validate_checkpoint` established about a checkpoint directory."""
+
+    hf_config: dict[str, Any]
+    qcfg: QuantEaseConfig
+    shapes: dict[str, tuple[int, int]]
+    """Quantized linears: module name -> (out_features, in_features)."""
+
+
+def validate_checkpoint(model_dir: Path) -> CheckpointGeometry:
+    """Check a QuantEase checkpoint directory against the format, loading only the small tensors.
+
+    Headers give every tensor's name, dtype and shape; the geometry of each linear
+    comes from ``config.json`` (the model built on the meta device). Every linear
+    not in ``modules_to_not_convert`` must carry exactly the tensors of
+    ``qe_vllm.format.expected_tensors``; scales, zero points and the CSR outliers
+    are read and checked in full. ``qweight`` is only checked from its header:
+    every bit pattern is a valid code. Raises :class:`CheckpointFormatError` (or
+    ``FileNotFoundError``) with one message naming the directory and the layer.
+    """
+    model_dir = Path(model_dir)
     hf_config = read_config(model_dir)
-    if "quantization_config" not in hf_config:
-        raise ValueError(
-            f"{model_dir} is not a QuantEase checkpoint (config.json has no quantization_config)"
+    small = tuple("." + t for t in LAYER_TENSORS if t != QWEIGHT)
+    stored = read_headers(model_dir, load=lambda k: k.endswith(small))
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method != QUANT_METHOD:
+        what = "has no quantization_config" if method is None else f"declares quant_method {method!r}"
+        packed = next((k for k in sorted(stored) if k.endswith("." + QWEIGHT)), None)
+        fix = (
+            f"but it holds QuantEase tensors ({packed}): restore the config.json qe-convert wrote"
+            if packed
+            else f"load it without the {QUANT_METHOD} method, or convert it with qe-convert first"
         )
-    qcfg = QuantEaseConfig.from_dict(hf_config["quantization_config"])
+        raise CheckpointFormatError(
+            f"{model_dir} is not a QuantEase checkpoint: its config.json {what}, {fix}"
+        )
+    try:
+        qcfg = QuantEaseConfig.from_dict(hf_config["quantization_config"])
+        all_shapes = linear_shapes(hf_config)
+        shapes = {m: s for m, s in all_shapes.items() if not qcfg.is_skipped(m)}
+        suffixes = tuple("." + t for t in LAYER_TENSORS)
+        owners = {k.rsplit(".", 1)[0] for k in stored if k.endswith(suffixes)}
+        if stray := sorted(owners - set(shapes)):
+            why = "listed in modules_to_not_convert" if stray[0] in all_shapes else "no linear layer"
+            raise CheckpointFormatError(f"layer {stray[0]!r} has quantized tensors but is {why}")
+        for m, (out_f, in_f) in shapes.items():
+            tensors = {t: stored[f"{m}.{t}"] for t in LAYER_TENSORS if f"{m}.{t}" in stored}
+            validate_linear(m, tensors, qcfg, out_f, in_f)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"invalid QuantEase checkpoint {model_dir}: {e}") from None
+    return CheckpointGeometry(hf_config, qcfg, shapes)
+
+
+def read_headers(
+    model_dir: Path, load: Callable[[str], bool] = lambda name: False
+) -> dict[str, torch.Tensor]:
+    """Every stored tensor: read if ``load(name)``, else a meta tensor of its dtype and shape."""
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for f in weight_files(model_dir):
+        with _open_safetensors(f) as sf:
+            for k in sf.keys():
+                if k in source:
+                    raise CheckpointFormatError(f"tensor {k} is stored twice, in {source[k]} and {f.name}")
+                source[k] = f.name
+                if load(k):
+                    out[k] = sf.get_tensor(k)
+                    continue
+                sl = sf.get_slice(k)
+                dtype = _HEADER_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointFormatError(f"tensor {k} in {f.name} has unknown dtype {sl.get_dtype()}")
+                out[k] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    return out
+
+
+def read_quantized(model_dir: Path) -> QuantizedCheckpoint:
+    """Read a QuantEase checkpoint after :func:`validate_checkpoint` has accepted it."""
+    geometry = validate_checkpoint(Path(model_dir))
     tensors = read_tensors(model_dir)
-    suffix = "." + QWEIGHT
-    modules = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
     layers = {
         m: {t: tensors.pop(f"{m}.{t}") for t in LAYER_TENSORS if f"{m}.{t}" in tensors}
-        for m in modules
+        for m in geometry.shapes
     }
-    all_shapes = linear_shapes(hf_config)
-    for m, t in layers.items():
-        if m not in all_shapes:
-            raise ValueError(
-                f"{model_dir}: quantized tensors for {m!r}, which is not a linear layer of the model"
-            )
-        validate_linear(m, t, qcfg, *all_shapes[m])
-    return QuantizedCheckpoint(hf_config, qcfg, layers, {m: all_shapes[m] for m in layers}, tensors)
+    return QuantizedCheckpoint(geometry.hf_config, geometry.qcfg, layers, geometry.shapes, tensors)
 
 
 def load_quantized_state(

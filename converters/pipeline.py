@@ -16,8 +16,14 @@ activations stay on the CPU. Per-layer relative reconstruction error
 
 Every finished block is saved to a work directory inside the staging directory
 (solved tensors, next block's inputs), so ``resume=True`` continues an
-interrupted run; the final checkpoint is always assembled from those files, so a
-resumed run writes the same bytes as an uninterrupted one.
+interrupted run — also one killed with SIGKILL at any instant, since every file
+is replaced atomically and the progress marker is written last; the final
+checkpoint is always assembled from those files, so a resumed run writes the
+same bytes as an uninterrupted one.
+
+Calibration statistics are checked as they are formed: a Σ holding NaN or Inf
+(a model that overflows float32 on the calibration text) stops the run with the
+block and layer named, instead of feeding a solver garbage.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from qe_vllm.converters.checkpoint import (
     read_config,
     read_tensors,
     write_model_dir,
+    writing,
 )
 from qe_vllm.converters.grid import GridSpec
 from qe_vllm.converters.hf_loading import resolve_model
@@ -60,6 +67,7 @@ from qe_vllm.format import COL_IDX, OUTLIER_VALUE_DTYPES, QuantEaseConfig
 log = logging.getLogger(__name__)
 
 OUTLIER_DTYPE = "float16"
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # largest storable scale or outlier value
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,11 @@ class ConvertOptions:
             raise ValueError(
                 f"method {self.method} needs calibration text: pass --calib-data FILE_OR_DATASET"
             )
+        if self.calibrated and (self.nsamples < 1 or self.seqlen < 2):
+            raise ValueError(
+                f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: calibration needs at least "
+                "1 sample of at least 2 tokens"
+            )
         if (
             self.method == "rtn"
             and self.outlier_fraction > 0
@@ -148,6 +161,29 @@ def solve_linear(opts: ConvertOptions, w: torch.Tensor, sigma: torch.Tensor | No
         seed=opts.seed,
         outlier_dtype=OUTLIER_VALUE_DTYPES[OUTLIER_DTYPE],
     )
+
+
+def check_solution(name: str, res: QuantResult, opts: ConvertOptions, w: torch.Tensor) -> None:
+    """A solver's output must be storable: codes on the grid, finite weights, float16 outliers.
+
+    Checked before the solution is written back into the block, so a solver that
+    blew up stops the run naming the layer instead of writing Inf into the
+    checkpoint or poisoning the next block's calibration. (Found by
+    tests/test_fuzz_solvers.py: near the float16 limit, GPTQ's error compensation
+    can push the outliers it holds out past float16.)
+    """
+    problems = []
+    if int(res.codes.min()) < 0 or int(res.codes.max()) > 2**opts.bits - 1:
+        problems.append("codes off the grid")
+    if not bool(torch.isfinite(res.weight(opts.group_size)).all()):
+        problems.append("NaN or Inf weights")
+    if res.outliers is not None and float(res.outliers.abs().max()) > FLOAT16_MAX:
+        problems.append("outliers beyond the float16 range")
+    if problems:
+        raise ValueError(
+            f"the {opts.method} solution for {name} cannot be stored ({', '.join(problems)}; "
+            f"largest |weight| {float(w.abs().max()):.4g}); try another --method or --outlier-fraction"
+        )
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) -> float:
@@ -316,10 +352,17 @@ def quantize_block(
                     h.remove()
         for group in arch.input_groups:
             sigma = covs.pop(group[0]).sigma if acts is not None else None
+            if sigma is not None and not bool(torch.isfinite(sigma).all()):
+                raise ValueError(
+                    f"the calibration activations entering {label}.{group[0]} hold NaN or Inf "
+                    "(the model overflows float32 on this text); check the model's weights "
+                    "(norm scales, embeddings) or calibrate with other --calib-data"
+                )
             for name in group:
                 lin = get_module(block, name)
                 w = lin.weight.detach()
                 res = solve_linear(opts, w, sigma)
+                check_solution(f"{label}.{name}", res, opts, w)
                 w_hat = res.weight(opts.group_size).to(device)
                 errors[name] = None if sigma is None else relative_error(w, w_hat, sigma)
                 if errors[name] is not None:
@@ -365,11 +408,13 @@ class WorkDir:
 
     def save_kwargs(self, kwargs: dict[str, Any]) -> None:
         tmp = self.path / "block_kwargs.pt.tmp"
-        torch.save(kwargs, tmp)
+        with writing(tmp):
+            torch.save(kwargs, tmp)
         os.replace(tmp, self.path / "block_kwargs.pt")
 
-    def load_acts(self) -> tuple[torch.Tensor, dict[str, Any]]:
-        acts = load_file(str(self.path / "acts.safetensors"))["hidden"]
+    def load_acts(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Inputs of block ``i`` (saved when block ``i - 1`` finished) and the block kwargs."""
+        acts = load_file(str(self._inputs_file(i)))["hidden"]
         return acts, torch.load(self.path / "block_kwargs.pt", weights_only=True)
 
     def save_block(
@@ -379,11 +424,17 @@ class WorkDir:
         errors: dict[str, float | None],
         acts: torch.Tensor | None,
     ) -> None:
-        """Block ``i`` done: its tensors, then the next block's inputs, then the progress marker."""
+        """Block ``i`` done: its tensors, the next block's inputs, the progress marker, cleanup.
+
+        The inputs are named by the block they feed, so a kill between any two
+        steps leaves the marker pointing at a block whose inputs are on disk
+        (never at block ``i`` with block ``i``'s *outputs* in place of its inputs).
+        """
         _save_atomic(self._block_file(i), tensors, {"errors": json.dumps(errors, sort_keys=True)})
         if acts is not None:
-            _save_atomic(self.path / "acts.safetensors", {"hidden": acts}, {})
+            _save_atomic(self._inputs_file(i + 1), {"hidden": acts}, {})
         _replace_text(self.path / "progress.json", json.dumps({"next_block": i + 1}))
+        self._inputs_file(i).unlink(missing_ok=True)
 
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
         with safe_open(str(self._block_file(i)), framework="pt") as f:
@@ -392,10 +443,14 @@ class WorkDir:
     def _block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"
 
+    def _inputs_file(self, i: int) -> Path:
+        return self.path / f"inputs_{i:05d}.safetensors"
+
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with writing(tmp):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -414,6 +469,48 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but no CUDA device is available")
     return torch.device(name)
+
+
+def quantized_weights(tensors: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
+    """The weight of every linear the conversion will quantize, by module name."""
+    suffixes = tuple(f".{name}.weight" for name in arch.linears)
+    return {
+        k.removesuffix(".weight"): t
+        for k, t in sorted(tensors.items())
+        if k.startswith(arch.blocks + ".") and k.endswith(suffixes) and t.dim() == 2
+    }
+
+
+def check_fits(
+    opts: ConvertOptions, hf_config: dict[str, Any], weights: dict[str, torch.Tensor]
+) -> None:
+    """Refuse settings or weights the format cannot honour, before any work.
+
+    A group wider than a layer's rows would silently mean "per channel"; windows
+    longer than the model's learned positions (OPT) would fail deep inside the
+    first forward pass; a weight beyond the float16 range of scales and outlier
+    values would be stored as Inf (found by tests/test_fuzz_solvers.py).
+    """
+    if weights:
+        name, narrowest = min(((n, w.shape[1]) for n, w in weights.items()), key=lambda nw: nw[1])
+        if opts.group_size > narrowest:
+            raise ValueError(
+                f"--group-size {opts.group_size} is wider than {name}, which has {narrowest} input "
+                f"features; use a group size <= {narrowest} or -1 (one group per row)"
+            )
+    for name, w in weights.items():
+        peak = float(w.abs().max())
+        if peak > FLOAT16_MAX:
+            raise ValueError(
+                f"{name} holds weights up to {peak:.4g}, beyond the float16 range ({FLOAT16_MAX:g}) "
+                "of QuantEase scales and outliers; this model cannot be stored in the format"
+            )
+    limit = hf_config.get("max_position_embeddings")
+    if opts.calibrated and isinstance(limit, int) and opts.seqlen > limit:
+        raise ValueError(
+            f"--seqlen {opts.seqlen} exceeds the model's max_position_embeddings={limit}; "
+            f"use --seqlen {limit} or less"
+        )
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
@@ -459,6 +556,10 @@ def convert(
     output = Path(output).expanduser().resolve()
     source = resolve_model(model)
     hf_config = read_config(source)
+    if quantized := (hf_config.get("quantization_config") or {}).get("quant_method"):
+        raise ValueError(
+            f"{source} is already quantized ({quantized}); pass the original model to --model"
+        )
     arch_name, arch = architectures.lookup(hf_config)
     opts.quant_config(arch)  # validates bits / group size / outliers before any work
     dev = pick_device(device)
@@ -473,6 +574,7 @@ def convert(
         windows = calibration_windows(
             tokenizer, opts.calib_data, opts.nsamples, opts.seqlen, opts.seed
         )
+    check_fits(opts, hf_config, quantized_weights(original, arch))
     net = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     net.eval()
     blocks = get_module(net, arch.blocks)
@@ -491,7 +593,7 @@ def convert(
             acts, kwargs = capture_block_inputs(net, arch, windows, dev)
             work.save_kwargs(kwargs)
         elif opts.calibrated and first < len(blocks):
-            acts, kwargs = work.load_acts()
+            acts, kwargs = work.load_acts(first)
         for i in tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks)):
             label = f"{arch.blocks}.{i}"
             results, errors = quantize_block(blocks[i], arch, opts, dev, acts, kwargs, label)
