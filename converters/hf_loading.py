@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from qe_vllm.converters.checkpoint import read_config, read_quantized
-from qe_vllm.format import QuantEaseConfig, dense_weight
+from qe_vllm.converters.checkpoint import read_config, read_headers, read_quantized
+from qe_vllm.format import QWEIGHT, QuantEaseConfig, dense_weight
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -42,6 +42,16 @@ def resolve_model(name: str | Path) -> Path:
 def is_quantease_checkpoint(model_dir: Path) -> bool:
     config = read_config(Path(model_dir))
     return (config.get("quantization_config") or {}).get("quant_method") == "quantease"
+
+
+def holds_packed_tensors(model_dir: Path) -> bool:
+    """True when the weights include QuantEase ``qweight`` tensors (read from headers only).
+
+    Such a directory must go through the validating QuantEase loader even when its
+    config.json lost the quantization_config: ``from_pretrained`` would silently
+    initialise every quantized linear at random and evaluate garbage.
+    """
+    return any(k.endswith("." + QWEIGHT) for k in read_headers(Path(model_dir)))
 
 
 class QuantEaseLinear(torch.nn.Module):
@@ -116,7 +126,7 @@ def load_quantease_model(
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
     """Original checkpoints through ``from_pretrained``; QuantEase checkpoints from their packed tensors."""
     path = resolve_model(model_dir)
-    if is_quantease_checkpoint(path):
+    if is_quantease_checkpoint(path) or holds_packed_tensors(path):
         return load_quantease_model(path, dtype, device)
     from transformers import AutoModelForCausalLM
 

@@ -23,8 +23,6 @@ from typing import Any, Hashable
 import torch
 from torch.nn import Parameter
 from vllm.logger import init_logger
-from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
-from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearKernel
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -40,11 +38,9 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_s
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
-    PackedColumnParameter,
     PackedvLLMParameter,
 )
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.scalar_type import scalar_types
 
 from qe_vllm.format import (
     OUTLIER_TENSORS,
@@ -58,46 +54,27 @@ from qe_vllm.format import (
     packed_width,
     validate_grid_values,
 )
-from qe_vllm.kernels.int4_layout import INT4_BITS, PACK_FACTOR, to_int4_layout
-from qe_vllm.kernels.torch_linear import add_csr_outliers, quantease_linear_torch
+from qe_vllm.kernels.torch_linear import quantease_linear_torch
 from qe_vllm.outlier_shards import RowSlice, assemble_outliers
 
 # Under the "vllm" logger tree so messages use vLLM's handler, format and VLLM_LOGGING_LEVEL.
 logger = init_logger("vllm.quantease")
 
-# "auto": Triton kernels on CUDA with Triton available; elsewhere vLLM's int4 kernel for
-# layers of at most 4 bits (plus sparse outliers) and the exact torch path for the rest.
-# "torch" / "triton" force one path: "torch" is the exact dequantize-per-call path for
-# every layer (bit-compatible with a dense checkpoint of the same weights, slow); forcing
-# "triton" off-GPU runs the custom op's torch fallback, which exercises the kernel
-# layout and op plumbing on CPU.
+# "auto": Triton kernels on CUDA with Triton available, the torch path elsewhere;
+# "torch" / "triton" force one path (forcing "triton" off-GPU runs the custom op's
+# torch fallback, which exercises the kernel layout and op plumbing on CPU).
 KERNEL_ENV = "QE_VLLM_KERNEL"
-KERNEL_CHOICES = ("auto", "torch", "triton")
-
-
-def _kernel_choice() -> str:
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNEL_ENV}={choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
-    return choice
 
 
 def _use_kernel_op(device: torch.device) -> bool:
-    choice = _kernel_choice()
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}; choose auto, torch or triton")
     if choice != "auto":
         return choice == "triton"
     from vllm.triton_utils import HAS_TRITON
 
     return device.type == "cuda" and HAS_TRITON
-
-
-# Every tensor a layer keeps after loading, whichever runtime path it took (resident-memory
-# accounting): the exact torch path, or the int4 kernel's repacked tensors plus CSR outliers.
-RUNTIME_TENSORS = (
-    "qweight", "scales", "qzeros", "outlier_index",
-    "weight_packed", "weight_scale", "weight_zero_point",
-    "outlier_row_ptr", "outlier_col_idx", "outlier_val",
-)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -284,98 +261,15 @@ class QuantEaseLinearMethod(LinearMethodBase):
         cols: torch.Tensor,
         vals: torch.Tensor,
     ) -> None:
-        """Runtime layout off the Triton path (CPU).
-
-        Layers of at most 4 bits run their dense part on vLLM's own mixed-precision
-        int4 kernel and keep the outliers as CSR (:meth:`_prepare_int4`). Everything
-        else (8 bits, float32 serving, shapes the int4 kernels reject, or
-        ``QE_VLLM_KERNEL=torch``) keeps the canonical tensors and dequantizes per call;
-        outliers become flat ``row * in + col`` indices.
-        """
-        device = canonical["qweight"].device
+        """Keep the canonical tensors; outliers become flat ``row * in + col`` indices."""
         out_pp, in_pp = canonical["qweight"].shape[0], layer.qe_in_features
-        if _kernel_choice() == "auto" and self._prepare_int4(layer, canonical):
-            order = torch.argsort(rows * in_pp + cols)
-            row_ptr = torch.zeros(out_pp + 1, dtype=torch.int64)
-            row_ptr[1:] = torch.bincount(rows, minlength=out_pp).cumsum(0)
-            csr = {  # int32 indices, as in the checkpoint
-                "outlier_row_ptr": row_ptr.to(torch.int32),
-                "outlier_col_idx": cols[order].to(torch.int32),
-                "outlier_val": vals[order],
-            }
-            for name, t in csr.items():
-                layer.register_parameter(name, Parameter(t.to(device), requires_grad=False))
-            layer.qe_has_outliers = vals.numel() > 0
-            return
         index_dtype = torch.int32 if out_pp * in_pp < 2**31 else torch.int64
+        device = canonical["qweight"].device
         for name, t in canonical.items():
             layer.register_parameter(name, Parameter(t, requires_grad=False))
         flat = (rows * in_pp + cols).to(device, index_dtype)
         layer.outlier_index = Parameter(flat, requires_grad=False)
         layer.outlier_val = Parameter(vals.to(device), requires_grad=False)
-
-    def _prepare_int4(self, layer: torch.nn.Module, canonical: dict[str, torch.Tensor]) -> bool:
-        """Hand the dense part to the mixed-precision int4 kernel vLLM picks for this CPU.
-
-        The codes are presented in the compressed-tensors 4-bit layout
-        (``kernels/int4_layout.py``) as vLLM parameter types, so the kernel
-        (``CPUWNA16LinearKernel``, or zentorch's on AMD Zen) repacks them exactly as it
-        does for a stock compressed-tensors checkpoint. Its scales are in the serving
-        dtype, so results differ from the exact path by bf16 rounding of the scales.
-        Returns False (layer left untouched) when the layer does not qualify.
-        """
-        fmt, act_dtype = self.fmt, layer.params_dtype
-        if fmt.bits > INT4_BITS or act_dtype not in (torch.bfloat16, torch.float16):
-            return False
-        in_pp, out_pp = layer.qe_in_features, canonical["qweight"].shape[0]
-        try:
-            layout = to_int4_layout(
-                canonical["qweight"], canonical["scales"], canonical.get("qzeros"),
-                bits=fmt.bits, group_size=fmt.group_size, in_features=in_pp, scale_dtype=act_dtype,
-            )
-            config = MPLinearLayerConfig(
-                full_weight_shape=(layer.qe_full_in_features, layer.output_size),
-                partition_weight_shape=(in_pp, out_pp),
-                weight_type=scalar_types.uint4b8 if layout.symmetric else scalar_types.uint4,
-                act_type=act_dtype,
-                group_size=layout.group_size,
-                zero_points=not layout.symmetric,
-            )
-            kernel_cls = choose_mp_linear_kernel(config)
-        except ValueError as e:
-            logger.warning_once("QuantEase: a layer falls back to the torch dequantize path: %s", e)
-            return False
-        layer.register_parameter(
-            "weight_packed",
-            PackedvLLMParameter(
-                data=layout.weight_packed, input_dim=1, output_dim=0, packed_dim=1,
-                packed_factor=PACK_FACTOR, weight_loader=_derived_after_loading,
-            ),
-        )
-        layer.register_parameter(
-            "weight_scale",
-            GroupQuantScaleParameter(
-                data=layout.weight_scale, output_dim=0, input_dim=1, weight_loader=_derived_after_loading
-            ),
-        )
-        zero_point_name = None
-        if layout.weight_zero_point is not None:
-            zero_point_name = "weight_zero_point"
-            layer.register_parameter(
-                zero_point_name,
-                PackedColumnParameter(
-                    data=layout.weight_zero_point, output_dim=0, packed_dim=0,
-                    packed_factor=PACK_FACTOR, weight_loader=_derived_after_loading,
-                ),
-            )
-        kernel = kernel_cls(config, "weight_packed", "weight_scale", zero_point_name)
-        kernel.process_weights_after_loading(layer)
-        layer.qe_int4_kernel = kernel
-        logger.info_once(
-            "QuantEase: layers of at most 4 bits use %s, outliers a sparse float32 product",
-            kernel_cls.__name__,
-        )
-        return True
 
     def _prepare_kernel(
         self,
@@ -398,7 +292,7 @@ class QuantEaseLinearMethod(LinearMethodBase):
             nbytes = kernel_weights.nbytes()
             nnz = 0 if kernel_weights.outliers is None else kernel_weights.outliers.numel()
         else:
-            own = (getattr(layer, n, None) for n in RUNTIME_TENSORS)
+            own = (getattr(layer, n, None) for n in ("qweight", "scales", "qzeros", "outlier_index", "outlier_val"))
             nbytes = sum(t.numel() * t.element_size() for t in own if t is not None)
             nnz = layer.outlier_val.numel()
         cfg.resident_bytes += nbytes
@@ -424,14 +318,6 @@ class QuantEaseLinearMethod(LinearMethodBase):
             from qe_vllm.kernels.ops import quantease_linear
 
             return quantease_linear(x, kernel_weights, bias)
-        int4_kernel: MPLinearKernel | None = getattr(layer, "qe_int4_kernel", None)
-        if int4_kernel is not None:
-            y = int4_kernel.apply_weights(layer, x, bias)
-            if layer.qe_has_outliers:  # fixed at load time: a constant for Dynamo
-                y = add_csr_outliers(
-                    y, x, layer.outlier_row_ptr, layer.outlier_col_idx, layer.outlier_val
-                )
-            return y
         fmt = self.fmt
         return quantease_linear_torch(
             x,
@@ -445,11 +331,6 @@ class QuantEaseLinearMethod(LinearMethodBase):
             in_features=layer.qe_in_features,
             bias=bias,
         )
-
-
-def _derived_after_loading(*args: Any, **kwargs: Any) -> None:
-    """Weight loader of runtime tensors derived after loading: nothing may load into them."""
-    raise RuntimeError("QuantEase runtime tensors are derived from the checkpoint, not loaded")
 
 
 def _stash_outlier_shard(

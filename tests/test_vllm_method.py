@@ -38,30 +38,9 @@ def generate(
 
 
 def convert(model: Path, out: Path, *args: str) -> Path:
-    """``qe-convert --method rtn`` with the scales rounded to bf16 values (see below)."""
     proc = run_script("qe-convert", "--model", model, "--output", out, "--method", "rtn", *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    round_scales_to_bf16(out)
     return out
-
-
-def round_scales_to_bf16(ckpt: Path) -> None:
-    """Make every stored scale a bf16 value (still stored as float16, which holds it exactly).
-
-    On CPU, vLLM's int4 kernel takes scales in the serving dtype (bf16), so for arbitrary
-    float16 scales it computes slightly different weights than the checkpoint's float32
-    meaning (``test_int4_path_with_unrounded_scales`` bounds that). With bf16-valued scales
-    both CPU paths compute the dense reference's weights exactly, which keeps this file's
-    1e-3 oracle meaningful for every path.
-    """
-    from safetensors.torch import load_file, save_file
-
-    path = ckpt / "model.safetensors"
-    tensors = load_file(str(path))
-    for name, t in tensors.items():
-        if name.endswith(".scales"):
-            tensors[name] = t.to(torch.bfloat16).to(t.dtype)
-    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def assert_same_generation(got: list[dict], want: list[dict], logprob_tol: float) -> None:
