@@ -2,8 +2,9 @@
 
 The server runs vLLM's default CPU compilation (no ``--enforce-eager``). Its greedy
 completion is checked against an independent loader of the same checkpoint
-(transformers with packed linears, ``converters/hf_loading.py``), and the server must
-leave no process behind.
+(transformers with packed linears in float32, ``converters/hf_loading.py``): every served
+token must be the float32 argmax, or within a bf16-sized margin of it (the server computes
+in bf16, so near-ties may break either way). The server must leave no process behind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from serving.server import VllmServer, session_pids  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
-COMPARED_TOKENS = 6
+NEAR_TIE = 0.1  # logprob margin within which bf16 serving may pick another greedy token
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,15 @@ def smollm2() -> Path:
     return SMOLLM2_DIR
 
 
-def transformers_greedy(ckpt: Path, n: int) -> list[int]:
-    from transformers import AutoTokenizer
-
+def transformers_logprobs(ckpt: Path, prompt_ids: list[int], served_ids: list[int]) -> torch.Tensor:
+    """Float32 log-probabilities ``[len(served), vocab]`` of the positions that produced ``served_ids``."""
     from qe_vllm.converters.hf_loading import load_quantease_model
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
     model = load_quantease_model(ckpt, torch.float32)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
+    ids = torch.tensor([prompt_ids + served_ids])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False)
-    return out[0, ids.shape[1] :].tolist()
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def test_convert_serve_and_query(smollm2: Path, tmp_path: Path) -> None:
@@ -52,14 +51,14 @@ def test_convert_serve_and_query(smollm2: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bits/weight" in proc.stdout
-    expected = transformers_greedy(ckpt, COMPARED_TOKENS)
 
     server = VllmServer(ckpt, "--quantization", "quantease", "--max-model-len", "512", quiet=True,
                         log_path=tmp_path / "server.log")
     with server:
         client = server.openai_client()
         completion = client.completions.create(
-            model=server.model_name, prompt=PROMPT, max_tokens=12, temperature=0.0, logprobs=1
+            model=server.model_name, prompt=PROMPT, max_tokens=12, temperature=0.0, logprobs=1,
+            extra_body={"return_tokens_as_token_ids": True},
         )
         chat = client.chat.completions.create(
             model=server.model_name,
@@ -71,11 +70,13 @@ def test_convert_serve_and_query(smollm2: Path, tmp_path: Path) -> None:
         assert "QuantEase: 120 linear layers resident" in server.log_tail(400)
 
     text = completion.choices[0].text
-    tokens = completion.choices[0].logprobs.tokens
+    served_ids = [int(t.removeprefix("token_id:")) for t in completion.choices[0].logprobs.tokens]
     from transformers import AutoTokenizer
 
-    served_ids = AutoTokenizer.from_pretrained(ckpt).convert_tokens_to_ids(tokens)
-    assert served_ids[:COMPARED_TOKENS] == expected, (text, expected)
+    prompt_ids = AutoTokenizer.from_pretrained(ckpt)(PROMPT).input_ids
+    logprobs = transformers_logprobs(ckpt, prompt_ids, served_ids)
+    chosen = logprobs[torch.arange(len(served_ids)), torch.tensor(served_ids)]
+    assert bool((chosen >= logprobs.max(dim=-1).values - NEAR_TIE).all()), (text, chosen, logprobs.max(-1))
     assert "Paris" in text
     assert "Paris" in chat.choices[0].message.content
     assert session_pids(sid) == []  # nothing left running
