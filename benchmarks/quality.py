@@ -42,7 +42,6 @@ import argparse
 import fnmatch
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -135,7 +134,9 @@ class Setting:
 
     @property
     def method_label(self) -> str:
-        name = {"rtn": "RTN", "gptq": "GPTQ", "quantease": "QuantEase"}.get(self.method, self.method)
+        name = {"rtn": "RTN", "gptq": "GPTQ", "quantease": "QuantEase"}.get(
+            self.method, self.method
+        )
         if self.outlier_fraction > 0:
             kind = "col" if self.outlier_structure == "columns" else "unstr"
             name += f" +{100 * self.outlier_fraction:g}% {kind}"
@@ -144,7 +145,12 @@ class Setting:
     def protocol(self, args: argparse.Namespace) -> dict[str, Any]:
         """What, besides the setting, determines the result: equal protocols are interchangeable."""
         if self.method == "sweep-timing":
-            return {"bits": 3, "group_size": 128, "nsamples": args.timing_nsamples, "seqlen": args.seqlen}
+            return {
+                "bits": 3,
+                "group_size": 128,
+                "nsamples": args.timing_nsamples,
+                "seqlen": args.seqlen,
+            }
         p: dict[str, Any] = {"eval_windows": args.windows, "eval_seqlen": EVAL_SEQLEN}
         if self.calibrated:
             p.update(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, iters=args.iters)
@@ -308,7 +314,9 @@ def checkpoint_stats(out: Path) -> dict[str, Any]:
                 outlier += b
             if name == VALUES:
                 nnz += t.numel()
-    errors = {k: v for k, v in ckpt.qcfg.provenance.get("relative_error", {}).items() if v is not None}
+    errors = {
+        k: v for k, v in ckpt.qcfg.provenance.get("relative_error", {}).items() if v is not None
+    }
     vals = list(errors.values())
     by_kind: dict[str, list[float]] = {}
     for k, v in errors.items():
@@ -446,7 +454,9 @@ def run_sweep_timing(s: Setting, args: argparse.Namespace) -> dict[str, Any]:
 
             t_gptq = best_time(lambda: gptq(w, sigma, spec, grid=grid), args.timing_repeats)
             t_sweep = best_time(sweep, args.timing_repeats)
-            t_setup = best_time(lambda: CoordinateDescent(sigma.float(), spec, *grid), args.timing_repeats)
+            t_setup = best_time(
+                lambda: CoordinateDescent(sigma.float(), spec, *grid), args.timing_repeats
+            )
             t0 = time.perf_counter()
             qe = quantease(w, sigma, spec, iters=args.iters)
             t_qe = time.perf_counter() - t0
@@ -469,13 +479,20 @@ def run_sweep_timing(s: Setting, args: argparse.Namespace) -> dict[str, Any]:
             )
             log.info(
                 "  %s: GPTQ pass %.3fs, QE sweep %.3fs (%.2fx)",
-                rows[-1]["layer"], t_gptq, t_sweep, t_sweep / t_gptq,
+                rows[-1]["layer"],
+                t_gptq,
+                t_sweep,
+                t_sweep / t_gptq,
             )
     return {
         "bits": 3,
         "group_size": 128,
         "block_size": 128,
-        "calibration": {"files": calib_files, "nsamples": args.timing_nsamples, "seqlen": args.seqlen},
+        "calibration": {
+            "files": calib_files,
+            "nsamples": args.timing_nsamples,
+            "seqlen": args.seqlen,
+        },
         "repeats": args.timing_repeats,
         "threads": torch.get_num_threads(),
         "rows": rows,
@@ -606,7 +623,11 @@ def evaluate_targets(res: dict[str, dict[str, Any]], order: list[Setting]) -> li
         else:
             missing.append(s.key)
     targets.append(
-        _status(f"3 bits + 1% outliers (QuantEase): perplexity <= {T_OUTLIER_RATIO}x reference", checks, missing)
+        _status(
+            f"3 bits + 1% outliers (QuantEase): perplexity <= {T_OUTLIER_RATIO}x reference",
+            checks,
+            missing,
+        )
     )
 
     # T4: sweep <= 1.5x GPTQ pass
@@ -624,7 +645,11 @@ def evaluate_targets(res: dict[str, dict[str, Any]], order: list[Setting]) -> li
             checks.append((ok, what))
     else:
         missing.append("sweep-timing")
-    targets.append(_status(f"one lazy-block QuantEase sweep <= {T_SWEEP_RATIO}x one GPTQ pass", checks, missing))
+    targets.append(
+        _status(
+            f"one lazy-block QuantEase sweep <= {T_SWEEP_RATIO}x one GPTQ pass", checks, missing
+        )
+    )
     return targets
 
 
@@ -679,7 +704,8 @@ def write_report(args: argparse.Namespace) -> None:
         "reference_ppl": ref,
         "targets": targets,
         "results": [
-            {k: v for k, v in res[s.key].items() if k not in ("rel_error_per_layer",)} for s in measured
+            {k: v for k, v in res[s.key].items() if k not in ("rel_error_per_layer",)}
+            for s in measured
         ],
         "not_measured": [s.key for s in pending],
         "failed": failed,
@@ -701,9 +727,9 @@ def write_report(args: argparse.Namespace) -> None:
     gpu = mach.get("gpu")
     spec_n = SPEC_NSAMPLES_GPU if gpu else SPEC_NSAMPLES_CPU
     L.append(
-        f"* Model: SmolLM2-135M-Instruct (bf16 HF checkpoint dequantized from the upstream Q4_1 GGUF; "
-        f"it is the \"reference\"), all 210 decoder linears quantized, `lm_head`/embeddings kept. "
-        f"Asymmetric integer grid (min/max, fixed), outliers stored as float16 CSR."
+        "* Model: SmolLM2-135M-Instruct (bf16 HF checkpoint dequantized from the upstream Q4_1 GGUF; "
+        'it is the "reference"), all 210 decoder linears quantized, `lm_head`/embeddings kept. '
+        "Asymmetric integer grid (min/max, fixed), outliers stored as float16 CSR."
     )
     L.append(
         f"* Calibration: **{args.nsamples} samples of {args.seqlen} tokens** on "
@@ -759,7 +785,9 @@ def write_report(args: argparse.Namespace) -> None:
         ratio = f"{r['ppl'] / ref:.3f}" if ref else "n/a"
         g = "channel" if s.group_size == -1 else str(s.group_size)
         ob = r["outlier_bits_per_weight"]
-        bits = f"{r['effective_bits_per_weight']:.3f}" + (f" (o {ob:.3f})" if s.outlier_fraction > 0 else "")
+        bits = f"{r['effective_bits_per_weight']:.3f}" + (
+            f" (o {ob:.3f})" if s.outlier_fraction > 0 else ""
+        )
         L.append(
             f"| {s.tier} | {s.method_label} | {s.bits} | {g} | {s.outliers_label} | {CALIB_LABEL[s.calib].split(' (')[0]} | "
             f"{r['ppl']:.3f} | {ratio} | {bits} | {fmt(r.get('rel_error_mean'), '.4e')} | "
@@ -813,6 +841,29 @@ def write_report(args: argparse.Namespace) -> None:
     else:
         L.append("None.")
     L.append("")
+    current = {f"{s.stem(args)}.json" for s in order}
+    others = [
+        json.loads(f.read_text())
+        for f in sorted(STORE.glob("*.json"))
+        if f.name not in current and not f.name.endswith(".failed.json")
+    ]
+    if others:
+        L.append("## Rows measured under a different protocol (not used for the targets)")
+        L.append("")
+        L.append(
+            "| setting | protocol | ppl | bits/weight | rel. err (mean) | convert s | eval s |"
+        )
+        L.append("|---|---|---|---|---|---|---|")
+        for r in others:
+            if "ppl" not in r:
+                continue
+            proto = ", ".join(f"{k}={v}" for k, v in r.get("protocol", {}).items())
+            L.append(
+                f"| {r['key']} | {proto} | {r['ppl']:.3f} | {fmt(r.get('effective_bits_per_weight'), '.3f')} | "
+                f"{fmt(r.get('rel_error_mean'), '.4e')} | {fmt(r.get('convert_seconds'), '.0f')} | "
+                f"{fmt(r.get('eval_seconds'), '.0f')} |"
+            )
+        L.append("")
     L.append("## Commands and machine")
     L.append("")
     for c in commands or ["(none yet)"]:
@@ -856,8 +907,13 @@ def plot(res: dict[str, dict[str, Any]], order: list[Setting], ref: float | None
                     continue
                 xs, ys = zip(*sel)
                 ax.plot(
-                    xs, ys, marker=marker, linestyle="-" if len(sel) > 1 else "none", color=color,
-                    markerfacecolor=color if fill else "none", markersize=7,
+                    xs,
+                    ys,
+                    marker=marker,
+                    linestyle="-" if len(sel) > 1 else "none",
+                    color=color,
+                    markerfacecolor=color if fill else "none",
+                    markersize=7,
                     label=f"{label}{' (Austen)' if calib == OUT_OF_DOMAIN else ''}{' per-channel' if gs == -1 else ''}",
                 )
     if ref is not None:
@@ -880,21 +936,67 @@ def plot(res: dict[str, dict[str, Any]], order: list[Setting], ref: float | None
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--model", type=Path, default=DEFAULT_MODEL, help="SmolLM2 HF checkpoint (default %(default)s)")
-    a("--data", type=Path, default=DEFAULT_DATA, help="shared text data directory (default %(default)s)")
-    a("--scratch", type=Path, default=DEFAULT_SCRATCH, help="where checkpoints are written, then deleted")
-    a("--nsamples", type=int, default=None, help=f"calibration windows (default {SPEC_NSAMPLES_CPU} on CPU, {SPEC_NSAMPLES_GPU} on GPU)")
-    a("--seqlen", type=int, default=SPEC_SEQLEN, help="tokens per calibration window (default %(default)s)")
-    a("--windows", type=int, default=16, help="WikiText-2 eval windows of 2048 tokens (default %(default)s)")
+    a(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="SmolLM2 HF checkpoint (default %(default)s)",
+    )
+    a(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="shared text data directory (default %(default)s)",
+    )
+    a(
+        "--scratch",
+        type=Path,
+        default=DEFAULT_SCRATCH,
+        help="where checkpoints are written, then deleted",
+    )
+    a(
+        "--nsamples",
+        type=int,
+        default=None,
+        help=f"calibration windows (default {SPEC_NSAMPLES_CPU} on CPU, {SPEC_NSAMPLES_GPU} on GPU)",
+    )
+    a(
+        "--seqlen",
+        type=int,
+        default=SPEC_SEQLEN,
+        help="tokens per calibration window (default %(default)s)",
+    )
+    a(
+        "--windows",
+        type=int,
+        default=16,
+        help="WikiText-2 eval windows of 2048 tokens (default %(default)s)",
+    )
     a("--iters", type=int, default=5, help="QuantEase sweeps (default %(default)s)")
     a("--seed", type=int, default=0)
     a("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    a(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default %(default)s: on a small shared machine, oversubscribed "
+        "OpenMP threads slow the column loops down many times over)",
+    )
     a("--only", help="comma-separated patterns (fnmatch or substring) of setting keys to run")
-    a("--max-minutes", type=float, default=None, help="stop after the setting that crosses this many minutes")
+    a(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after the setting that crosses this many minutes",
+    )
     a("--timing-nsamples", type=int, default=8, help="calibration windows for the sweep-timing Σ")
     a("--timing-repeats", type=int, default=3)
     a("--report-only", action="store_true", help="only regenerate quality.md/.json/.png")
-    a("--list", action="store_true", help="print the settings in priority order and whether they are done")
+    a(
+        "--list",
+        action="store_true",
+        help="print the settings in priority order and whether they are done",
+    )
     a("--progress", action="store_true", help="show tqdm progress bars")
     return p
 
@@ -905,12 +1007,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
+    torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.nsamples is None:
         args.nsamples = SPEC_NSAMPLES_GPU if args.device == "cuda" else SPEC_NSAMPLES_CPU
-    args.model, args.data, args.scratch = (p.expanduser().resolve() for p in (args.model, args.data, args.scratch))
-    args.command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args.model, args.data, args.scratch = (
+        p.expanduser().resolve() for p in (args.model, args.data, args.scratch)
+    )
+    args.command = "python benchmarks/quality.py " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("qe_vllm").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -931,12 +1038,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.scratch.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        todo = [s for s in order if selected(s, only) and not (STORE / f"{s.stem(args)}.json").is_file()]
+        todo = [
+            s for s in order if selected(s, only) and not (STORE / f"{s.stem(args)}.json").is_file()
+        ]
         log.info("%d settings to run (%s)", len(todo), ", ".join(s.key for s in todo))
         for s in todo:
             elapsed = (time.perf_counter() - start) / 60
             if args.max_minutes is not None and elapsed >= args.max_minutes:
-                log.info("stopping: %.1f min elapsed >= --max-minutes %g", elapsed, args.max_minutes)
+                log.info(
+                    "stopping: %.1f min elapsed >= --max-minutes %g", elapsed, args.max_minutes
+                )
                 break
             log.info("[%s] %s: start (%.1f min elapsed)", s.tier, s.key, elapsed)
             stem = STORE / s.stem(args)
@@ -944,13 +1055,19 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_setting(s, args)
             except Exception as e:  # noqa: BLE001 - record, go on with the next setting
                 traceback.print_exc()
-                write_json(stem.with_name(stem.name + ".failed.json"), {"key": s.key, "error": f"{type(e).__name__}: {e}"})
+                write_json(
+                    stem.with_name(stem.name + ".failed.json"),
+                    {"key": s.key, "error": f"{type(e).__name__}: {e}"},
+                )
                 log.info("[%s] %s: FAILED (%s)", s.tier, s.key, e)
                 continue
             write_json(stem.with_name(stem.name + ".json"), result)
             stem.with_name(stem.name + ".failed.json").unlink(missing_ok=True)
             log.info(
-                "[%s] %s: done in %.0f s%s", s.tier, s.key, result["wall_seconds"],
+                "[%s] %s: done in %.0f s%s",
+                s.tier,
+                s.key,
+                result["wall_seconds"],
                 f", ppl {result['ppl']:.3f}" if "ppl" in result else "",
             )
             write_report(args)
