@@ -753,11 +753,25 @@ def write_report(args: argparse.Namespace) -> None:
         f"WikiText-2 raw test, first **{args.windows}** non-overlapping windows of {EVAL_SEQLEN} tokens "
         f"(GPTQ protocol, {args.windows * (EVAL_SEQLEN - 1)} scored tokens), float32 compute."
     )
+    ptr_bits = next(
+        (
+            r["outlier_bits_per_weight"]
+            for r in res.values()
+            if r.get("outlier_fraction") == 0 and "outlier_bits_per_weight" in r
+        ),
+        None,
+    )
+    ptr_note = (
+        f"; the row pointers alone, stored even without outliers, cost {ptr_bits:.3f} bits/weight"
+        if ptr_bits is not None
+        else ""
+    )
     L.append(
         "* Rel. err = mean over the 210 linears of ‖(W−Ŵ)X‖²/‖WX‖² on the (undamped) calibration Σ, "
-        "from the checkpoint provenance (n/a for RTN: no calibration). Bits/weight = every stored byte of the "
-        "quantized linears (codes, fp16 scales, zero points, outlier values + int32 column indices + row "
-        "pointers) / number of quantized weights; `(o …)` is the outlier share."
+        "from the checkpoint provenance (n/a for RTN: no calibration). Bits/weight = every stored byte of "
+        "the quantized linears (codes, fp16 scales, zero points, outlier values + int32 column indices + "
+        "row pointers) / number of quantized weights; `(o …)` is the outlier share (values, indices, "
+        f"row pointers{ptr_note})."
     )
     L.append(
         "* Convert = wall time of the whole conversion (calibration forward passes, solves, writing); "
@@ -801,7 +815,7 @@ def write_report(args: argparse.Namespace) -> None:
         c = timing["calibration"]
         L.append(
             f"Σ from {c['nsamples']} in-domain windows of {c['seqlen']} tokens through the unquantized model; "
-            f"best of {timing['repeats']} runs after a warm-up, {timing['threads']} torch threads, CPU "
+            f"best of {timing['repeats']} runs after a warm-up, torch threads: {timing['threads']}, CPU "
             f"(load average {timing['load_average_1min']['start']:.1f} -> {timing['load_average_1min']['end']:.1f}). "
             f"A sweep = the per-sweep GEMM plus the lazy-block column loop; the GPTQ pass includes its Cholesky. "
             f"Full QuantEase = GPTQ start + up to {args.iters} sweeps (one run)."
