@@ -2,10 +2,10 @@
 
 A QuantEase checkpoint is evaluated from its bytes on disk: the model is built
 from its config and every quantized linear becomes a :class:`QuantEaseLinear`
-holding the *packed* tensors and dequantizing them on each call with
-``qe_vllm.format.dense_weight``, the format's reference meaning. That makes the
-perplexity of a converted checkpoint a check of the file, not of the
-converter's in-memory state.
+holding the *packed* tensors and dequantizing them on each call with the exact
+torch path vLLM also uses (``kernels/torch_linear.py``, tested against the
+format's reference meaning). That makes the perplexity of a converted checkpoint
+a check of the file, not of the converter's in-memory state.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ from pathlib import Path
 import torch
 
 from qe_vllm.converters.checkpoint import read_config, read_headers, read_quantized
-from qe_vllm.format import QWEIGHT, QuantEaseConfig, dense_weight
+from qe_vllm.format import (
+    COL_IDX,
+    QWEIGHT,
+    QZEROS,
+    ROW_PTR,
+    SCALES,
+    VALUES,
+    QuantEaseConfig,
+    csr_rows,
+)
+from qe_vllm.kernels.torch_linear import flat_outlier_index, quantease_linear_torch
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -55,7 +65,13 @@ def holds_packed_tensors(model_dir: Path) -> bool:
 
 
 class QuantEaseLinear(torch.nn.Module):
-    """A linear layer that keeps the packed QuantEase tensors and dequantizes on the fly."""
+    """A linear layer that keeps the packed QuantEase tensors and dequantizes on the fly.
+
+    It holds the checkpoint's codes, scales and zero points as stored, outliers as flat
+    ``row * in + col`` indices plus values, and runs the same exact torch path as vLLM's
+    ``QE_VLLM_KERNEL=torch`` (``kernels/torch_linear.quantease_linear_torch``): no dense
+    weight is ever kept, one is rebuilt per call and dropped.
+    """
 
     def __init__(
         self,
@@ -68,9 +84,14 @@ class QuantEaseLinear(torch.nn.Module):
         """``bias_dtype`` None: no bias; otherwise an uninitialised bias that ``load_state_dict`` fills."""
         super().__init__()
         self.qcfg, self.out_features, self.in_features = qcfg, out_features, in_features
-        self.names = tuple(tensors)
-        for k, v in tensors.items():
-            self.register_buffer(k, v)
+        self.register_buffer(QWEIGHT, tensors[QWEIGHT])
+        self.register_buffer(SCALES, tensors[SCALES])
+        self.register_buffer(QZEROS, tensors.get(QZEROS))
+        rows = csr_rows(tensors[ROW_PTR])
+        self.register_buffer(
+            "outlier_index", flat_outlier_index(rows, tensors[COL_IDX], out_features, in_features)
+        )
+        self.register_buffer(VALUES, tensors[VALUES])
         self.bias = None
         if bias_dtype is not None:
             self.bias = torch.nn.Parameter(
@@ -78,8 +99,11 @@ class QuantEaseLinear(torch.nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dense_weight({k: getattr(self, k) for k in self.names}, self.qcfg, self.in_features)
-        return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
+        return quantease_linear_torch(
+            x, self.qweight, self.scales, self.qzeros, self.outlier_index, self.outlier_val,
+            bits=self.qcfg.bits, group_size=self.qcfg.group_size, in_features=self.in_features,
+            bias=self.bias,
+        )
 
     def extra_repr(self) -> str:
         q = self.qcfg

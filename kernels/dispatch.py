@@ -57,8 +57,18 @@ def interpreter_enabled() -> bool:
 
 
 def triton_usable(x: torch.Tensor) -> bool:
-    """The Triton kernels can run on ``x`` (CUDA, or CPU under the interpreter; fp16/bf16)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or not (x.is_cuda or interpreter_enabled()):
+    """The Triton kernels can run on ``x``: fp16/bf16 on CUDA, fp16 on CPU under the interpreter.
+
+    The interpreter's bf16 arithmetic is wrong, so bf16 on CPU takes the torch fallback even
+    with ``TRITON_INTERPRET=1`` set (a test process may export it for every child).
+    """
+    if x.is_cuda:
+        dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    elif interpreter_enabled():
+        dtypes = (torch.float16,)
+    else:
+        return False
+    if x.dtype not in dtypes:
         return False
     try:
         import triton  # noqa: F401

@@ -54,27 +54,50 @@ from qe_vllm.format import (
     packed_width,
     validate_grid_values,
 )
-from qe_vllm.kernels.torch_linear import quantease_linear_torch
+from qe_vllm.kernels.int4_layout import int4pack_linear, to_int4pack
+from qe_vllm.kernels.torch_linear import (
+    add_csr_outliers,
+    flat_outlier_index,
+    quantease_linear_torch,
+)
 from qe_vllm.outlier_shards import RowSlice, assemble_outliers
 
 # Under the "vllm" logger tree so messages use vLLM's handler, format and VLLM_LOGGING_LEVEL.
 logger = init_logger("vllm.quantease")
 
-# "auto": Triton kernels on CUDA with Triton available, the torch path elsewhere;
-# "torch" / "triton" force one path (forcing "triton" off-GPU runs the custom op's
-# torch fallback, which exercises the kernel layout and op plumbing on CPU).
+# "auto": Triton kernels on CUDA with Triton available; elsewhere torch's CPU int4 GEMM for
+# layers of at most 4 bits (plus sparse outliers) and the exact torch path for the rest.
+# "torch" / "triton" force one path: "torch" is the exact dequantize-per-call path for
+# every layer (bit-compatible with a dense checkpoint of the same weights, slow); forcing
+# "triton" off-GPU runs the custom op's torch fallback, which exercises the kernel
+# layout and op plumbing on CPU.
 KERNEL_ENV = "QE_VLLM_KERNEL"
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def _kernel_choice() -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+    return choice
 
 
 def _use_kernel_op(device: torch.device) -> bool:
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}; choose auto, torch or triton")
+    choice = _kernel_choice()
     if choice != "auto":
         return choice == "triton"
     from vllm.triton_utils import HAS_TRITON
 
     return device.type == "cuda" and HAS_TRITON
+
+
+# Every tensor a layer keeps after loading, whichever runtime path it took (resident-memory
+# accounting): the exact torch path, or the int4 kernel's repacked tensors plus CSR outliers.
+RUNTIME_TENSORS = (
+    "qweight", "scales", "qzeros", "outlier_index",
+    "int4_weight", "int4_scales_and_zeros",
+    "outlier_row_ptr", "outlier_col_idx", "outlier_val",
+)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -261,15 +284,60 @@ class QuantEaseLinearMethod(LinearMethodBase):
         cols: torch.Tensor,
         vals: torch.Tensor,
     ) -> None:
-        """Keep the canonical tensors; outliers become flat ``row * in + col`` indices."""
-        out_pp, in_pp = canonical["qweight"].shape[0], layer.qe_in_features
-        index_dtype = torch.int32 if out_pp * in_pp < 2**31 else torch.int64
+        """Runtime layout off the Triton path (CPU).
+
+        Layers of at most 4 bits run their dense part on torch's CPU int4 GEMM and keep
+        the outliers as CSR (:meth:`_prepare_int4`). Everything else (8 bits, shapes the
+        int4 kernel rejects, or ``QE_VLLM_KERNEL=torch``) keeps the canonical tensors
+        and dequantizes per call; outliers become flat ``row * in + col`` indices.
+        """
         device = canonical["qweight"].device
+        out_pp, in_pp = canonical["qweight"].shape[0], layer.qe_in_features
+        if device.type == "cpu" and _kernel_choice() == "auto" and self._prepare_int4(layer, canonical):
+            order = torch.argsort(rows * in_pp + cols)
+            row_ptr = torch.zeros(out_pp + 1, dtype=torch.int64)
+            row_ptr[1:] = torch.bincount(rows, minlength=out_pp).cumsum(0)
+            csr = {  # int32 indices, as in the checkpoint
+                "outlier_row_ptr": row_ptr.to(torch.int32),
+                "outlier_col_idx": cols[order].to(torch.int32),
+                "outlier_val": vals[order],
+            }
+            for name, t in csr.items():
+                layer.register_parameter(name, Parameter(t.to(device), requires_grad=False))
+            layer.qe_has_outliers = vals.numel() > 0
+            return
         for name, t in canonical.items():
             layer.register_parameter(name, Parameter(t, requires_grad=False))
-        flat = (rows * in_pp + cols).to(device, index_dtype)
+        flat = flat_outlier_index(rows, cols, out_pp, in_pp).to(device)
         layer.outlier_index = Parameter(flat, requires_grad=False)
         layer.outlier_val = Parameter(vals.to(device), requires_grad=False)
+
+    def _prepare_int4(self, layer: torch.nn.Module, canonical: dict[str, torch.Tensor]) -> bool:
+        """Derive the weights of torch's CPU int4 GEMM (``kernels/int4_layout.py``).
+
+        Exact 4-bit codes (2/3-bit widened), scales and zero terms in the serving dtype,
+        groups re-cut to a width the kernel takes. Returns False, leaving the layer
+        untouched, when the layer does not fit (more than 4 bits, an output size that is
+        not a multiple of 16, an input size with no accepted group width).
+        """
+        fmt = self.fmt
+        try:
+            packed = to_int4pack(
+                canonical["qweight"], canonical["scales"], canonical.get("qzeros"),
+                bits=fmt.bits, group_size=fmt.group_size, in_features=layer.qe_in_features,
+                dtype=layer.params_dtype,
+            )
+        except ValueError as e:
+            logger.warning_once("QuantEase: a layer falls back to the exact torch path: %s", e)
+            return False
+        layer.int4_weight = Parameter(packed.weight, requires_grad=False)
+        layer.int4_scales_and_zeros = Parameter(packed.scales_and_zeros, requires_grad=False)
+        layer.qe_int4_group = packed.group_size
+        logger.info_once(
+            "QuantEase: layers of at most 4 bits use torch's CPU int4 GEMM; outliers are "
+            "added in float32 (CSR)"
+        )
+        return True
 
     def _prepare_kernel(
         self,
@@ -292,7 +360,7 @@ class QuantEaseLinearMethod(LinearMethodBase):
             nbytes = kernel_weights.nbytes()
             nnz = 0 if kernel_weights.outliers is None else kernel_weights.outliers.numel()
         else:
-            own = (getattr(layer, n, None) for n in ("qweight", "scales", "qzeros", "outlier_index", "outlier_val"))
+            own = (getattr(layer, n, None) for n in RUNTIME_TENSORS)
             nbytes = sum(t.numel() * t.element_size() for t in own if t is not None)
             nnz = layer.outlier_val.numel()
         cfg.resident_bytes += nbytes
@@ -318,6 +386,15 @@ class QuantEaseLinearMethod(LinearMethodBase):
             from qe_vllm.kernels.ops import quantease_linear
 
             return quantease_linear(x, kernel_weights, bias)
+        if hasattr(layer, "int4_weight"):
+            y = int4pack_linear(
+                x, layer.int4_weight, layer.int4_scales_and_zeros, layer.qe_int4_group, bias
+            )
+            if layer.qe_has_outliers:  # fixed at load time: a constant for Dynamo
+                y = add_csr_outliers(
+                    y, x, layer.outlier_row_ptr, layer.outlier_col_idx, layer.outlier_val
+                )
+            return y
         fmt = self.fmt
         return quantease_linear_torch(
             x,

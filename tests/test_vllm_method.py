@@ -1,8 +1,18 @@
 """The vLLM ``quantease`` method against the dense fake-quantized model, and TP=2 against TP=1.
 
 Oracle: ``dense_reference`` writes a plain checkpoint whose linears hold the
-dequantized weights plus outliers. vLLM's torch path rebuilds exactly those
-weights, so in eager mode tokens and logprobs must agree (up to bf16 rounding).
+dequantized weights plus outliers. On CPU there are two paths:
+
+* the exact torch path (``QE_VLLM_KERNEL=torch``, and 8-bit layers) rebuilds exactly
+  those weights, so in eager mode tokens and logprobs agree at 1e-3;
+* the default int4 path (layers of at most 4 bits) runs the dense part on torch's CPU
+  int4 GEMM, whose weights are the reference's exactly for bf16-valued scales and grids
+  narrower than 4 bits or symmetric (4-bit asymmetric grids round a zero term to bf16),
+  summed in its own order, and adds the outliers in float32 after the kernel's bf16
+  output instead of inside bf16 weights. Those are bf16-level differences, not errors:
+  compared with the dense model within the GEMM drift tolerance, and against a float32
+  run of the dense reference, where it must be as close as the bf16 dense model itself.
+
 Every generation runs in its own process (``tests/vllm_generate.py``).
 """
 
@@ -27,26 +37,70 @@ GENERATE = Path(__file__).with_name("vllm_generate.py")
 
 def generate(
     model: Path, out: Path, *, tp: int = 1, mode: str = "eager", quantization: str | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, dtype: str = "bfloat16",
 ) -> list[dict]:
-    cmd = [sys.executable, str(GENERATE), str(model), str(out), "--tp", str(tp), "--mode", mode]
+    cmd = [sys.executable, str(GENERATE), str(model), str(out), "--tp", str(tp), "--mode", mode,
+           "--dtype", dtype]
     if quantization:
         cmd += ["--quantization", quantization]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    # Serve as a user would: without the Triton interpreter that tests/test_kernels.py exports.
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**base, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
-def convert(model: Path, out: Path, *args: str) -> Path:
+def convert(model: Path, out: Path, *args: str, round_scales: bool = True) -> Path:
+    """``qe-convert --method rtn``, by default with the scales rounded to bf16 values (see below)."""
     proc = run_script("qe-convert", "--model", model, "--output", out, "--method", "rtn", *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if round_scales:
+        round_scales_to_bf16(out)
     return out
 
 
-def assert_same_generation(got: list[dict], want: list[dict], logprob_tol: float) -> None:
+def round_scales_to_bf16(ckpt: Path) -> None:
+    """Make every stored scale a bf16 value (still stored as float16, which holds it exactly).
+
+    On CPU, the int4 GEMM takes scales in the serving dtype (bf16), so for arbitrary
+    float16 scales it computes slightly different weights than the checkpoint's float32
+    meaning (``test_int4_path_with_outliers_is_within_bf16_noise`` bounds that). With
+    bf16-valued scales the exact path computes the dense reference's weights bit for bit,
+    and so does the int4 path for grids narrower than 4 bits or symmetric.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    for name, t in tensors.items():
+        if name.endswith(".scales"):
+            tensors[name] = t.to(torch.bfloat16).to(t.dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def assert_same_generation(
+    got: list[dict], want: list[dict], logprob_tol: float, prompt_tol: float | None = None
+) -> None:
+    """Same greedy tokens, with logprobs within ``logprob_tol``, up to a near-tie.
+
+    Two runs whose logprobs differ by up to ``logprob_tol`` may legitimately pick
+    different tokens where the reference's best two candidates are within twice that
+    (each may move by ``logprob_tol``; the 2-block SmolLM2 cut produces such ties, some
+    exact); a divergence anywhere else fails. Logprobs are compared up to the divergence.
+    With ``prompt_tol``, the teacher-forced prompt logprobs (the same tokens in both runs,
+    so comparable even after a divergence) must agree within it everywhere.
+    """
     for g, w in zip(got, want, strict=True):
-        assert g["token_ids"] == w["token_ids"], (g["text"], w["text"])
-        assert max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])) <= logprob_tol
+        if prompt_tol is not None:
+            drift = [abs(a - b) for a, b in zip(g["prompt_logprobs"], w["prompt_logprobs"], strict=True)]
+            assert max(drift) <= prompt_tol, (max(drift), w["text"])
+        diverge = next((i for i, (a, b) in enumerate(zip(g["token_ids"], w["token_ids"])) if a != b), None)
+        if diverge is not None:
+            assert w["margins"][diverge] <= 2 * logprob_tol, (diverge, g["text"], w["text"])
+        n = len(w["token_ids"]) if diverge is None else diverge
+        assert len(g["token_ids"]) == len(w["token_ids"]), (g["text"], w["text"])
+        drift = [abs(a - b) for a, b in zip(g["logprobs"][:n], w["logprobs"][:n])]
+        assert max(drift, default=0.0) <= logprob_tol, (drift, g["text"], w["text"])
 
 
 def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> Path:
@@ -80,6 +134,15 @@ def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> 
     return out
 
 
+# Logprob drift that is not ours: vLLM's CPU platform runs dense layers through its own
+# GEMMs (oneDNN / sgl-kernel, chosen by shape) while the quantease paths call F.linear
+# (exact path) or torch's int4 GEMM (default), each summing in its own order, and
+# at TP=2 bf16 partial sums are all-reduced. On the 2-block SmolLM2 cut (huge logits) this
+# moves logprobs by up to ~0.07 with identical tokens; the exact path at TP=1 is checked at 1e-3.
+GEMM_DRIFT_TOL = 0.15
+EXACT_PATH = {"QE_VLLM_KERNEL": "torch"}
+
+
 @pytest.mark.parametrize(
     "model_fixture, flags",
     [
@@ -89,19 +152,69 @@ def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> 
     ids=["tiny-gqa-w4g64", "smollm2-w3g128"],
 )
 def test_vllm_matches_dense_fake_quantized_model(request, tmp_path: Path, model_fixture: str, flags: list[str]) -> None:
+    """The exact torch path reproduces the dense reference, outliers included."""
     model = request.getfixturevalue(model_fixture)
     ckpt = convert(model, tmp_path / "qe", *flags)
     dense_reference(ckpt, tmp_path / "dense")
+    got = generate(ckpt, tmp_path / "q.json", quantization="quantease", env=EXACT_PATH)
+    want = generate(tmp_path / "dense", tmp_path / "d.json")
+    assert_same_generation(got, want, logprob_tol=1e-3, prompt_tol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "model_fixture, flags",
+    [
+        # 3-bit codes widened to 4 bits; 576 inputs leave a partial last group of 128
+        ("smollm2_2blocks", ["--bits", "3", "--group-size", "128", "--outlier-fraction", "0"]),
+        # symmetric grid: no zero points, uint4b8 kernel type
+        ("tiny_llama", ["--bits", "4", "--group-size", "64", "--sym", "--outlier-fraction", "0"]),
+    ],
+    ids=["smollm2-w3g128-asym", "tiny-w4g64-sym"],
+)
+def test_int4_path_without_outliers_matches_dense(
+    request, tmp_path: Path, model_fixture: str, flags: list[str]
+) -> None:
+    """Torch's int4 GEMM on the derived weights serves the dense reference's model.
+
+    For these grids the weights are the same numbers (``tests/test_int4_layout.py`` checks
+    the derivation exactly); what remains is the kernel's bf16 GEMM, whose summation
+    order differs from the oneDNN GEMM of the dense model.
+    """
+    ckpt = convert(request.getfixturevalue(model_fixture), tmp_path / "qe", *flags)
+    dense_reference(ckpt, tmp_path / "dense")
     got = generate(ckpt, tmp_path / "q.json", quantization="quantease")
     want = generate(tmp_path / "dense", tmp_path / "d.json")
-    assert_same_generation(got, want, logprob_tol=1e-3)
+    assert_same_generation(got, want, logprob_tol=GEMM_DRIFT_TOL)
 
 
-# Logprob drift that is not ours: vLLM's CPU platform runs dense layers through its own
-# GEMMs (oneDNN / sgl-kernel, chosen by shape) while the quantease path calls F.linear, and
-# at TP=2 bf16 partial sums are all-reduced. On the 2-block SmolLM2 cut (huge logits) this
-# moves logprobs by up to ~0.07 with identical tokens; eager TP=1 above is checked at 1e-3.
-GEMM_DRIFT_TOL = 0.15
+def _prompt_logprob_errors(run: list[dict], truth: list[dict]) -> list[float]:
+    return [
+        abs(a - b)
+        for r, t in zip(run, truth, strict=True)
+        for a, b in zip(r["prompt_logprobs"], t["prompt_logprobs"], strict=True)
+    ]
+
+
+def test_int4_path_with_outliers_is_within_bf16_noise(smollm2_2blocks: Path, tmp_path: Path) -> None:
+    """Default conversion (fp16 scales, 1% outliers) on the default CPU path vs. float32 truth.
+
+    Truth: the dense reference served in float32. The bf16 dense reference is the
+    yardstick: the int4 path (bf16-rounded scales, outliers added in float32 after the
+    kernel) must give the same greedy tokens (up to near-ties) and teacher-forced prompt logprobs on
+    average as close to the truth as the bf16 dense model (25% slack). Measured on this
+    model: mean |error| 0.047 vs 0.049 for the bf16 dense model.
+    """
+    ckpt = convert(
+        smollm2_2blocks, tmp_path / "qe", "--bits", "4", "--group-size", "128",
+        "--outlier-fraction", "0.01", round_scales=False,
+    )
+    dense_reference(ckpt, tmp_path / "dense")
+    got = generate(ckpt, tmp_path / "q.json", quantization="quantease")
+    dense_bf16 = generate(tmp_path / "dense", tmp_path / "d.json")
+    truth = generate(tmp_path / "dense", tmp_path / "t.json", dtype="float32")
+    assert_same_generation(got, dense_bf16, logprob_tol=GEMM_DRIFT_TOL)
+    ours, yardstick = _prompt_logprob_errors(got, truth), _prompt_logprob_errors(dense_bf16, truth)
+    assert sum(ours) / len(ours) <= 1.25 * sum(yardstick) / len(yardstick)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +258,9 @@ def test_kernel_op_path_under_vllm(tiny_llama: Path, tmp_path: Path) -> None:
     dense_reference(ckpt, tmp_path / "dense")
     got = generate(ckpt, tmp_path / "q.json", mode="dynamo", env={"QE_VLLM_KERNEL": "triton"})
     want = generate(tmp_path / "dense", tmp_path / "d.json", mode="dynamo")
-    assert_same_generation(got, want, logprob_tol=2e-2)
+    # The random tiny model's logits are nearly flat, so greedy tokens may part at a
+    # near-tie; the teacher-forced prompt logprobs are compared everywhere.
+    assert_same_generation(got, want, logprob_tol=2e-2, prompt_tol=2e-2)
 
 
 def _engine_config_error(model: Path, quantization: str | None) -> str:
