@@ -49,7 +49,7 @@ RESIDENT_RE = re.compile(
     r"QuantEase: (\d+) linear layers resident in ([\d.]+) MiB \(([\d.]+) of their 16-bit size "
     r"([\d.]+) MiB; (\d+) outliers\)"
 )
-KERNEL_RE = re.compile(r"QuantEase: layers of at most 4 bits use (\w+);")
+KERNEL_RE = re.compile(r"QuantEase: layers of at most 4 bits use ([^;]+);")
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_WEIGHT_RATIO = 0.35
 TARGET_TPS_RATIO = 0.8
@@ -93,11 +93,27 @@ def ensure_checkpoint(cfg: Config, source: Path) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
+def server_log(out_dir: Path, name: str, round_no: int) -> Path:
+    return out_dir / f"server-{name}-r{round_no}.log"
+
+
+def log_facts(log_text: str) -> dict:
+    """What the plugin logged at load: resident weights and the CPU kernel it chose."""
+    facts: dict = {}
+    if m := RESIDENT_RE.search(log_text):
+        facts["resident"] = {"layers": int(m.group(1)), "mib": float(m.group(2)),
+                             "ratio": float(m.group(3)), "dense_mib": float(m.group(4)),
+                             "outliers": int(m.group(5)), "line": m.group(0)}
+    if m := KERNEL_RE.search(log_text):
+        facts["cpu_kernel"] = m.group(1)
+    return facts
+
+
 def serve_and_bench(cfg: Config, a: argparse.Namespace, out_dir: Path, round_no: int) -> dict:
     args, env = serve_args("cpu", eager=a.eager, max_model_len=a.max_model_len,
                            kv_cache_gib=a.kv_cache_gib, quantized=cfg.convert_args is not None)
     args += ["--served-model-name", cfg.name]
-    log = out_dir / f"server-{cfg.name}-r{round_no}.log"
+    log = server_log(out_dir, cfg.name, round_no)
     server = VllmServer(cfg.model, *args, env=env, log_path=log, startup_timeout=900,
                         max_lifetime=3600)
     record: dict = {"name": cfg.name, "round": round_no, "model": str(cfg.model)}
@@ -110,12 +126,7 @@ def serve_and_bench(cfg: Config, a: argparse.Namespace, out_dir: Path, round_no:
             pss_gib=round(server.pss_bytes() / 2**30, 3),
             processes=server.processes(),
         )
-        if m := RESIDENT_RE.search(log_text):
-            record["resident"] = {"layers": int(m.group(1)), "mib": float(m.group(2)),
-                                  "ratio": float(m.group(3)), "dense_mib": float(m.group(4)),
-                                  "outliers": int(m.group(5)), "line": m.group(0)}
-        if m := KERNEL_RE.search(log_text):
-            record["cpu_kernel"] = m.group(1)
+        record.update(log_facts(log_text))
         record["bench"] = run_levels(server.url, cfg.name, a.concurrency, a.requests,
                                      a.max_seconds, a.max_tokens)
         record["peak_rss_gib"] = round(server.peak_rss_bytes / 2**30, 3)
@@ -247,6 +258,20 @@ def write_report(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def rerender(a: argparse.Namespace) -> int:
+    result = json.loads((a.out_dir / "bench_compare.json").read_text())
+    for run in result["runs"]:
+        log = server_log(a.out_dir, run["name"], run["round"])
+        if log.is_file():
+            run.update(log_facts(log.read_text(errors="replace")))
+    if a.notes:
+        result["notes"] = a.notes.read_text()
+    write_report(result, a.report)
+    (a.out_dir / "bench_compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[compare] re-rendered {a.report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=paths.default_model_dir(), help="bf16 model")
@@ -262,9 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=paths.cache_dir() / "bench")
     ap.add_argument("--report", type=Path, default=Path(__file__).with_name("results.md"))
     ap.add_argument("--notes", type=Path, help="Markdown appended to the report as 'Notes'")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render the report from <out-dir>/bench_compare.json and the server "
+                    "logs beside it (e.g. to add --notes); serves nothing")
     a = ap.parse_args(argv)
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        return rerender(a)
     source = a.model.expanduser().resolve()
     configs = [Config("bf16", source, None)]
     for bits in (int(b) for b in a.bits.split(",")):
