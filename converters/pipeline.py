@@ -82,6 +82,7 @@ class ConvertOptions:
     outlier_structure: str = "unstructured"
     iters: int = 5
     damp: float = 0.01
+    cd_damp: float = 0.0
     init: str = "gptq"
     calib_data: str | None = None
     nsamples: int = 128
@@ -120,6 +121,10 @@ class ConvertOptions:
                 f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: calibration needs at least "
                 "1 sample of at least 2 tokens"
             )
+        if self.damp < 0 or self.cd_damp < 0:
+            raise ValueError(
+                f"--damp {self.damp} / --cd-damp {self.cd_damp}: dampening cannot be negative"
+            )
         if (
             self.method == "rtn"
             and self.outlier_fraction > 0
@@ -157,6 +162,7 @@ def solve_linear(opts: ConvertOptions, w: torch.Tensor, sigma: torch.Tensor | No
         outlier_structure=opts.outlier_structure,
         iters=opts.iters,
         damp=opts.damp,
+        cd_damp=opts.cd_damp,
         init=opts.init,
         seed=opts.seed,
         outlier_dtype=OUTLIER_VALUE_DTYPES[OUTLIER_DTYPE],
@@ -532,7 +538,7 @@ def provenance(
         "source_model": model,
         "architecture": arch_name,
         "calibration": calib,
-        "solver": {"iters": opts.iters, "damp": opts.damp, "init": opts.init}
+        "solver": {"iters": opts.iters, "damp": opts.damp, "cd_damp": opts.cd_damp, "init": opts.init}
         if opts.calibrated
         else {},
         "seed": opts.seed,

@@ -24,6 +24,7 @@ def solve(
     outlier_structure: str = "unstructured",
     iters: int = 5,
     damp: float = 0.01,
+    cd_damp: float = 0.0,
     init: str = "gptq",
     act_order: bool = False,
     mse_grid: bool = False,
@@ -40,8 +41,10 @@ def solve(
     * ``"quantease"``: ``iters`` QuantEase sweeps from ``init``; with
       ``outlier_fraction > 0`` the outlier-aware variant.
 
-    ``damp`` is GPTQ's dampening, also for QuantEase's GPTQ start; QuantEase's
-    sweeps minimise the undamped objective.
+    ``damp`` is GPTQ's dampening, also for QuantEase's GPTQ start. ``cd_damp`` damps
+    QuantEase's sweeps (``Σ + cd_damp · mean(diag Σ) · I``): 0 minimises the calibration
+    objective itself; a positive value pulls Ŵ towards W, a ridge term that trades a
+    little calibration error for less on unseen text (``benchmarks/heldout_error.py``).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {list(METHODS)}")
@@ -59,7 +62,9 @@ def solve(
             w, sigma, spec, damp=damp, act_order=act_order, outlier_mask=mask, grid=grid,
             outlier_dtype=outlier_dtype,
         )
-    options = dict(iters=iters, init=init, init_damp=damp, act_order=act_order, mse_grid=mse_grid)
+    options = dict(
+        iters=iters, init=init, damp=cd_damp, init_damp=damp, act_order=act_order, mse_grid=mse_grid
+    )
     if budget:
         return quantease_outliers(
             w, sigma, spec, outlier_fraction, structure=outlier_structure,

@@ -116,6 +116,7 @@ def _nan(tensors):
         ),
         ("bad group", ["--group-size", "100"], "group_size=100"),
         ("no calib data", ["--method", "gptq"], "needs calibration text"),
+        ("negative damping", ["--cd-damp", "-0.1"], "dampening cannot be negative"),
         ("empty calib", ["--method", "gptq", "--calib-data", "EMPTY"], "is empty"),
         ("short calib", ["--method", "gptq", "--calib-data", "SHORT", "--seqlen", "64"], "too few"),
         ("nan weights", ["--arch-variant", "nan"], "NaN or Inf"),

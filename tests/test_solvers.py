@@ -373,3 +373,15 @@ def test_solve_dispatch():
         solve("rtn", w, None, spec, outlier_fraction=0.1, outlier_structure="columns")
     with pytest.raises(ValueError, match="structure"):
         solve("quantease", w, sigma, spec, outlier_fraction=0.1, outlier_structure="rows")
+
+
+def test_cd_damp_pulls_quantease_towards_rtn():
+    """``cd_damp`` adds ``cd_damp * mean(diag sigma) * I`` to the sweeps' sigma only: passed
+    through by ``solve``, and in the limit the separable ``|W - W_hat|^2`` term dominates,
+    whose exact minimiser is round-to-nearest."""
+    w, sigma = layer()
+    spec = GridSpec(3)
+    via_solve = solve("quantease", w, sigma, spec, cd_damp=0.3)
+    assert torch.equal(via_solve.codes, quantease(w, sigma, spec, damp=0.3).codes)
+    assert not torch.equal(via_solve.codes, solve("quantease", w, sigma, spec).codes)
+    assert torch.equal(solve("quantease", w, sigma, spec, cd_damp=1e6).codes, rtn(w, spec).codes)

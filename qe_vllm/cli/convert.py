@@ -96,7 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--damp",
         type=float,
         default=DEFAULTS["damp"],
-        help="dampening, relative to mean diag(Σ) (default %(default)s)",
+        help="GPTQ dampening (also QuantEase's GPTQ start), relative to mean diag(Σ) "
+        "(default %(default)s)",
+    )
+    a(
+        "--cd-damp",
+        type=float,
+        default=DEFAULTS["cd_damp"],
+        help="dampening of the QuantEase sweeps, relative to mean diag(Σ): 0 fits the "
+        "calibration data exactly; e.g. 0.3 trades a little calibration error for less "
+        "on unseen text (default %(default)s)",
     )
     a(
         "--init",
