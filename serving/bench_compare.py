@@ -258,18 +258,23 @@ def write_report(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def finish(result: dict, a: argparse.Namespace) -> int:
+    """Attach ``--notes``, write the Markdown report and the JSON beside the server logs."""
+    if a.notes:
+        result["notes"] = a.notes.read_text()
+    write_report(result, a.report)
+    (a.out_dir / "bench_compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[compare] wrote {a.report} and {a.out_dir / 'bench_compare.json'}")
+    return 0
+
+
 def rerender(a: argparse.Namespace) -> int:
     result = json.loads((a.out_dir / "bench_compare.json").read_text())
     for run in result["runs"]:
         log = server_log(a.out_dir, run["name"], run["round"])
         if log.is_file():
             run.update(log_facts(log.read_text(errors="replace")))
-    if a.notes:
-        result["notes"] = a.notes.read_text()
-    write_report(result, a.report)
-    (a.out_dir / "bench_compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[compare] re-rendered {a.report}")
-    return 0
+    return finish(result, a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,12 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             result["runs"].append(serve_and_bench(cfg, a, a.out_dir, round_no))
             (a.out_dir / "bench_compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    if a.notes:
-        result["notes"] = a.notes.read_text()
-    write_report(result, a.report)
-    (a.out_dir / "bench_compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[compare] wrote {a.report} and {a.out_dir / 'bench_compare.json'}")
-    return 0
+    return finish(result, a)
 
 
 if __name__ == "__main__":
