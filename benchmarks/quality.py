@@ -24,7 +24,8 @@ run in a fixed priority order (``--list``), the most informative first.
 After the run (and with ``--report-only``) ``benchmarks/results/quality.md``,
 ``quality.json`` and ``quality.png`` are regenerated from whatever results
 exist, including the list of settings not yet measured and the targets with
-MET / MISSED / UNMEASURED.
+MET / MISSED / UNMEASURED, followed by ``quality_notes.md`` (the hand-written
+account of what was tried for the missed targets) when it exists.
 
 The ``sweep-timing`` entry times one lazy-block QuantEase sweep against one
 GPTQ pass on real SmolLM2 layers (block 5 ``self_attn.q_proj`` and
@@ -61,6 +62,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "quality"
+# Hand-written analysis of the missed targets (what was tried, with links to the
+# experiments); measured numbers stay in the generated tables above it.
+NOTES = RESULTS / "quality_notes.md"
 DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_SCRATCH = Path("/tmp/qe-quality")
@@ -888,51 +892,61 @@ def write_report(args: argparse.Namespace) -> None:
         "to them; C4/PTB are not available offline, so calibration is WikiText-2 v1 valid / Austen and only "
         "WikiText-2 raw test is evaluated (first windows only); single seed."
     )
+    if NOTES.is_file():
+        L += ["", NOTES.read_text().rstrip()]
     (RESULTS / "quality.md").write_text("\n".join(L) + "\n")
     plot(res, order, ref)
 
 
 def plot(res: dict[str, dict[str, Any]], order: list[Setting], ref: float | None) -> None:
+    """Perplexity against effective bits/weight, one panel per calibration domain.
+
+    Colour = solver, marker = outlier variant, filled = g128 / hollow = per
+    channel; a line joins the bit widths of one variant. RTN uses no
+    calibration, so it appears in both panels as the floor to beat.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    series: dict[str, list[tuple[float, float, Setting]]] = {}
-    for s in order:
-        r = res.get(s.key)
-        if not r or not s.quantized:
-            continue
-        series.setdefault(s.method_label, []).append((r["effective_bits_per_weight"], r["ppl"], s))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, pts) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        for calib, fill in ((IN_DOMAIN, True), (OUT_OF_DOMAIN, False), (None, True)):
-            for gs, marker in ((128, "o"), (-1, "s")):
-                sel = sorted((x, y) for x, y, s in pts if s.calib == calib and s.group_size == gs)
-                if not sel:
-                    continue
-                xs, ys = zip(*sel)
-                ax.plot(
-                    xs,
-                    ys,
-                    marker=marker,
-                    linestyle="-" if len(sel) > 1 else "none",
-                    color=color,
-                    markerfacecolor=color if fill else "none",
-                    markersize=7,
-                    label=f"{label}{' (Austen)' if calib == OUT_OF_DOMAIN else ''}{' per-channel' if gs == -1 else ''}",
+    color = {"rtn": "tab:blue", "gptq": "tab:orange", "quantease": "tab:green"}
+    marker = {"unstructured": "^", "columns": "D"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
+    panels = ((IN_DOMAIN, "calibrated in-domain (WikiText-2 valid)"),
+              (OUT_OF_DOMAIN, "calibrated out-of-domain (Austen)"))
+    for ax, (domain, title) in zip(axes, panels):
+        lines: dict[tuple[str, int], list[tuple[float, float, Setting]]] = {}
+        for s in order:
+            if s.quantized and s.calib in (domain, None) and s.key in res:
+                r = res[s.key]
+                lines.setdefault((s.method_label, s.group_size), []).append(
+                    (r["effective_bits_per_weight"], r["ppl"], s)
                 )
-    if ref is not None:
-        ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=f"reference {ref:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("effective bits / weight (incl. scales, zeros, outliers)")
-    ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title("SmolLM2-135M-Instruct: perplexity vs storage")
-    ax.grid(True, which="both", alpha=0.3)
-    if series or ref is not None:
-        ax.legend(fontsize=7, ncol=2)
+        for (label, gs), pts in lines.items():
+            pts.sort(key=lambda t: t[0])
+            s = pts[0][2]
+            c = color.get(s.method, "tab:gray")
+            ax.plot(
+                [x for x, _, _ in pts],
+                [y for _, y, _ in pts],
+                marker=marker.get(s.outlier_structure, "o") if s.outlier_fraction > 0 else "o",
+                linestyle="-" if len(pts) > 1 else "none",
+                color=c,
+                markerfacecolor=c if gs > 0 else "none",
+                markersize=7,
+                label=f"{label} {'g128' if gs > 0 else 'per-channel'}",
+            )
+        if ref is not None:
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1, label=f"reference {ref:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("effective bits / weight (incl. scales, zeros, outliers)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("WikiText-2 test perplexity (log)")
+    fig.suptitle("SmolLM2-135M-Instruct: perplexity vs storage")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=120)
     plt.close(fig)
