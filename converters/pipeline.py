@@ -84,6 +84,8 @@ class ConvertOptions:
     damp: float = 0.01
     cd_damp: float = 0.0
     init: str = "gptq"
+    act_order: bool = False
+    mse_grid: bool = False
     calib_data: str | None = None
     nsamples: int = 128
     seqlen: int = 2048
@@ -125,6 +127,12 @@ class ConvertOptions:
             raise ValueError(
                 f"--damp {self.damp} / --cd-damp {self.cd_damp}: dampening cannot be negative"
             )
+        runs_gptq = self.method == "gptq" or (self.method == "quantease" and self.init == "gptq")
+        if self.act_order and not runs_gptq:
+            raise ValueError(
+                "--act-order orders the columns of a GPTQ pass: use it with --method gptq, "
+                "or --method quantease --init gptq"
+            )
         if (
             self.method == "rtn"
             and self.outlier_fraction > 0
@@ -164,6 +172,8 @@ def solve_linear(opts: ConvertOptions, w: torch.Tensor, sigma: torch.Tensor | No
         damp=opts.damp,
         cd_damp=opts.cd_damp,
         init=opts.init,
+        act_order=opts.act_order,
+        mse_grid=opts.mse_grid,
         seed=opts.seed,
         outlier_dtype=OUTLIER_VALUE_DTYPES[OUTLIER_DTYPE],
     )
@@ -538,9 +548,16 @@ def provenance(
         "source_model": model,
         "architecture": arch_name,
         "calibration": calib,
-        "solver": {"iters": opts.iters, "damp": opts.damp, "cd_damp": opts.cd_damp, "init": opts.init}
+        "solver": {
+            "iters": opts.iters,
+            "damp": opts.damp,
+            "cd_damp": opts.cd_damp,
+            "init": opts.init,
+            "act_order": opts.act_order,
+        }
         if opts.calibrated
         else {},
+        "mse_grid": opts.mse_grid,
         "seed": opts.seed,
         "qe_vllm_version": version("qe-vllm"),
         "relative_error": errors,

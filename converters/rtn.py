@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qe_vllm.converters.grid import GridSpec, fit_grid, quantize
+from qe_vllm.converters.grid import GridSpec, fit_grid, fit_grid_mse, quantize
 from qe_vllm.converters.result import QuantResult
 
 
@@ -28,11 +28,17 @@ def rtn(
     spec: GridSpec,
     outlier_fraction: float = 0.0,
     outlier_dtype: torch.dtype = torch.float16,
+    mse_grid: bool = False,
 ) -> QuantResult:
-    """Quantize ``w`` ``[out, in]`` by rounding to nearest, keeping the largest weights as outliers."""
+    """Quantize ``w`` ``[out, in]`` by rounding to nearest, keeping the largest weights as outliers.
+
+    ``mse_grid`` shrinks each group's range to minimise the rounding error
+    (:func:`fit_grid_mse`) instead of covering min/max.
+    """
     w = w.float()
     mask = largest_magnitude_mask(w, outlier_fraction)
-    scales, zeros = fit_grid(w, spec, exclude=mask if mask.any() else None)
+    fit = fit_grid_mse if mse_grid else fit_grid
+    scales, zeros = fit(w, spec, exclude=mask if mask.any() else None)
     codes = quantize(w.masked_fill(mask, 0.0), scales, zeros, spec)
     stored = w.to(outlier_dtype).float()  # the value the checkpoint will hold
     outliers = torch.where(mask, stored, torch.zeros_like(w)) if mask.any() else None

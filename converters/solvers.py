@@ -50,9 +50,9 @@ def solve(
         raise ValueError(f"method={method!r}; choose one of {list(METHODS)}")
     budget = outlier_budget(w.shape, outlier_fraction, outlier_structure)
     if method == "rtn":
-        if mse_grid or (outlier_fraction > 0 and outlier_structure != "unstructured"):
-            raise ValueError("rtn supports neither mse_grid nor column outliers")
-        return rtn(w, spec, outlier_fraction, outlier_dtype)
+        if outlier_fraction > 0 and outlier_structure != "unstructured":
+            raise ValueError("rtn keeps unstructured outliers only")
+        return rtn(w, spec, outlier_fraction, outlier_dtype, mse_grid=mse_grid)
     if sigma is None:
         raise ValueError(f"method {method!r} needs sigma (calibration statistics); 'rtn' does not")
     if method == "gptq":

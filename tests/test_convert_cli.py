@@ -6,12 +6,16 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import run_script
 from safetensors.torch import load_file, save_file
 
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import checkpoint
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
+from qe_vllm.converters.grid import GridSpec
+from qe_vllm.converters.pipeline import ConvertOptions, solve_linear
+from qe_vllm.converters.solvers import solve
 
 RTN_ARGS = (
     "--method",
@@ -117,6 +121,12 @@ def _nan(tensors):
         ("bad group", ["--group-size", "100"], "group_size=100"),
         ("no calib data", ["--method", "gptq"], "needs calibration text"),
         ("negative damping", ["--cd-damp", "-0.1"], "dampening cannot be negative"),
+        ("act-order with rtn", ["--act-order"], "--act-order orders the columns of a GPTQ pass"),
+        (
+            "act-order without gptq start",
+            ["--method", "quantease", "--init", "rtn", "--calib-data", "SHORT", "--act-order"],
+            "--act-order orders the columns of a GPTQ pass",
+        ),
         ("empty calib", ["--method", "gptq", "--calib-data", "EMPTY"], "is empty"),
         ("short calib", ["--method", "gptq", "--calib-data", "SHORT", "--seqlen", "64"], "too few"),
         ("nan weights", ["--arch-variant", "nan"], "NaN or Inf"),
@@ -151,3 +161,26 @@ def test_bad_bits_rejected_by_parser(tiny_llama, tmp_path):
         "qe-convert", "--model", tiny_llama, "--output", tmp_path / "o", "--bits", "5", timeout=60
     )
     assert r.returncode == 2 and "invalid choice: 5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_act_order_and_mse_grid_reach_the_solver_and_the_provenance(tiny_llama, data_dir, tmp_path):
+    """The flags change the solution exactly as the solver's own options do, and are recorded."""
+    out = tmp_path / "gptq-ao-mse"
+    args = ["--method", "gptq", "--bits", "3", "--group-size", "32", "--device", "cpu",
+            "--calib-data", str(data_dir / "austen" / "northangerabbey.txt"),
+            "--nsamples", "2", "--seqlen", "64"]
+    assert cli.main(["--model", str(tiny_llama), "--output", str(out), *args,
+                     "--act-order", "--mse"]) == 0
+    qcfg, _ = load_quantized_state(out)
+    assert qcfg.provenance["solver"]["act_order"] is True and qcfg.provenance["mse_grid"] is True
+
+    opts = ConvertOptions(method="gptq", bits=3, group_size=32, act_order=True, mse_grid=True)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(64, 256, generator=g)
+    x[::7] *= 10  # uneven activation energy: act-order picks another column order
+    sigma = x @ x.T
+    spec = GridSpec(3, 32)
+    got = solve_linear(opts, w, sigma)
+    want = solve("gptq", w, sigma, spec, act_order=True, mse_grid=True)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert not torch.equal(got.codes, solve("gptq", w, sigma, spec).codes)

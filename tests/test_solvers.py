@@ -359,6 +359,9 @@ def test_solve_dispatch():
     spec = GridSpec(3)
     r = solve("rtn", w, None, spec, outlier_fraction=0.02)
     assert torch.equal(r.outliers, rtn(w, spec, 0.02).outliers)
+    r = solve("rtn", w, None, spec, mse_grid=True)  # RTN on the MSE-searched grid
+    assert torch.equal(r.scales, fit_grid_mse(w, spec)[0])
+    assert torch.equal(r.codes, quantize(w, *fit_grid_mse(w, spec), spec))
     assert torch.equal(solve("gptq", w, sigma, spec).codes, gptq(w, sigma, spec).codes)
     r = solve("quantease", w, sigma, spec, iters=2)
     assert torch.equal(r.codes, quantease(w, sigma, spec, iters=2).codes)
@@ -369,7 +372,7 @@ def test_solve_dispatch():
         solve("quantease", w, None, spec)
     with pytest.raises(ValueError, match="method"):
         solve("awq", w, sigma, spec)
-    with pytest.raises(ValueError, match="column outliers"):
+    with pytest.raises(ValueError, match="unstructured outliers only"):
         solve("rtn", w, None, spec, outlier_fraction=0.1, outlier_structure="columns")
     with pytest.raises(ValueError, match="structure"):
         solve("quantease", w, sigma, spec, outlier_fraction=0.1, outlier_structure="rows")

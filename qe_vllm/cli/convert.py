@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="QuantEase start point (default %(default)s)",
     )
     a(
+        "--act-order",
+        action="store_true",
+        help="GPTQ (and QuantEase's GPTQ start) quantizes columns by decreasing activation "
+        "energy diag(Σ), the grid still fitted per group in storage order",
+    )
+    a(
+        "--mse",
+        dest="mse_grid",
+        action="store_true",
+        help="shrink each group's min/max range to minimise the rounding error of its weights "
+        "(GPTQ's 'mse' grid search) instead of covering the extremes",
+    )
+    a(
         "--calib-data",
         help="calibration text: .txt/.json/.jsonl/.parquet file, a directory of .txt files, "
         "or a datasets name NAME[:CONFIG][@SPLIT]; required unless --method rtn",
