@@ -158,6 +158,8 @@ class Setting:
         p: dict[str, Any] = {"eval_windows": args.windows, "eval_seqlen": EVAL_SEQLEN}
         if self.calibrated:
             p.update(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, iters=args.iters)
+        if self.method == "quantease" and args.cd_damp:  # only QuantEase's sweeps are damped
+            p["cd_damp"] = args.cd_damp
         return p
 
     def stem(self, args: argparse.Namespace) -> str:
@@ -166,6 +168,8 @@ class Setting:
             tag = f"n{p['nsamples']}x{p['seqlen']}"
         elif self.calibrated:
             tag = f"n{p['nsamples']}x{p['seqlen']}-s{p['seed']}-i{p['iters']}-ev{p['eval_windows']}"
+            if "cd_damp" in p:
+                tag += f"-cd{p['cd_damp']:g}"
         else:
             tag = f"ev{p['eval_windows']}"
         return f"{self.key}__{tag}"
@@ -365,6 +369,7 @@ def run_quantized(s: Setting, args: argparse.Namespace) -> dict[str, Any]:
         outlier_fraction=s.outlier_fraction,
         outlier_structure=s.outlier_structure,
         iters=args.iters,
+        cd_damp=args.cd_damp if s.method == "quantease" else 0.0,
         calib_data=calib_data,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -743,7 +748,8 @@ def write_report(args: argparse.Namespace) -> None:
         )
     L.append(
         f"* Solvers: GPTQ (damp 0.01, no act-order, static groups); QuantEase = GPTQ start + up to "
-        f"{args.iters} cyclic coordinate-descent sweeps (lazy blocks of 128, stop when f improves < 1e-4 relative); "
+        f"{args.iters} cyclic coordinate-descent sweeps (lazy blocks of 128, stop when f improves < 1e-4 relative"
+        f"{f', sweeps damped by --cd-damp {args.cd_damp:g}' if args.cd_damp else ', undamped'}); "
         f"outlier-aware QuantEase = paper Algorithm 3 (IHT on the outliers + sweeps)."
     )
     L.append(
@@ -995,6 +1001,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="WikiText-2 eval windows of 2048 tokens (default %(default)s)",
     )
     a("--iters", type=int, default=5, help="QuantEase sweeps (default %(default)s)")
+    a(
+        "--cd-damp",
+        type=float,
+        default=0.0,
+        help="qe-convert --cd-damp for the QuantEase rows (GPTQ and RTN rows are shared with the "
+        "undamped protocol); default %(default)s",
+    )
     a("--seed", type=int, default=0)
     a("--device", choices=("cpu", "cuda", "auto"), default="auto")
     a(
