@@ -69,7 +69,8 @@ DEFAULT_MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_SCRATCH = Path("/tmp/qe-quality")
 EVAL_SEQLEN = 2048
-SPEC_NSAMPLES_CPU, SPEC_NSAMPLES_GPU, SPEC_SEQLEN = 128, 2048, 512
+# The spec's calibration: 128 windows of 512 tokens on CPU, of 2048 tokens on a GPU.
+SPEC_NSAMPLES, SPEC_SEQLEN_CPU, SPEC_SEQLEN_GPU = 128, 512, 2048
 
 IN_DOMAIN, OUT_OF_DOMAIN = "wiki2-valid", "austen"
 CALIB_LABEL = {
@@ -728,7 +729,7 @@ def write_report(args: argparse.Namespace) -> None:
     L.append("## Protocol")
     L.append("")
     gpu = mach.get("gpu")
-    spec_n = SPEC_NSAMPLES_GPU if gpu else SPEC_NSAMPLES_CPU
+    spec_len = SPEC_SEQLEN_GPU if gpu else SPEC_SEQLEN_CPU
     L.append(
         "* Model: SmolLM2-135M-Instruct (bf16 HF checkpoint dequantized from the upstream Q4_1 GGUF; "
         'it is the "reference"), all 210 decoder linears quantized, `lm_head`/embeddings kept. '
@@ -740,9 +741,9 @@ def write_report(args: argparse.Namespace) -> None:
         f"on the quantized previous blocks). In-domain = `wikitext-2-v1-valid.txt`; out-of-domain = "
         f"`austen/*.txt` except `prideprejudice.txt`. Never the test split."
     )
-    if args.nsamples != spec_n or args.seqlen != SPEC_SEQLEN:
+    if args.nsamples != SPEC_NSAMPLES or args.seqlen != spec_len:
         L.append(
-            f"  * **Deviation from the spec:** the spec asks for {spec_n} samples of {SPEC_SEQLEN} tokens "
+            f"  * **Deviation from the spec:** the spec asks for {SPEC_NSAMPLES} samples of {spec_len} tokens "
             f"on {'GPU' if gpu else 'CPU'}; this run used {args.nsamples} x {args.seqlen} "
             f"(chosen to fit the CPU time budget; see the per-setting timings)."
         )
@@ -985,14 +986,15 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--nsamples",
         type=int,
-        default=None,
-        help=f"calibration windows (default {SPEC_NSAMPLES_CPU} on CPU, {SPEC_NSAMPLES_GPU} on GPU)",
+        default=SPEC_NSAMPLES,
+        help="calibration windows (default %(default)s)",
     )
     a(
         "--seqlen",
         type=int,
-        default=SPEC_SEQLEN,
-        help="tokens per calibration window (default %(default)s)",
+        default=None,
+        help=f"tokens per calibration window (default {SPEC_SEQLEN_CPU} on CPU, "
+        f"{SPEC_SEQLEN_GPU} on GPU)",
     )
     a(
         "--windows",
@@ -1045,8 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.nsamples is None:
-        args.nsamples = SPEC_NSAMPLES_GPU if args.device == "cuda" else SPEC_NSAMPLES_CPU
+    if args.seqlen is None:
+        args.seqlen = SPEC_SEQLEN_GPU if args.device == "cuda" else SPEC_SEQLEN_CPU
     args.model, args.data, args.scratch = (
         p.expanduser().resolve() for p in (args.model, args.data, args.scratch)
     )
