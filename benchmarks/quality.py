@@ -919,7 +919,7 @@ def plot(res: dict[str, dict[str, Any]], order: list[Setting], ref: float | None
 
     color = {"rtn": "tab:blue", "gptq": "tab:orange", "quantease": "tab:green"}
     marker = {"unstructured": "^", "columns": "D"}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 8), sharey=True)
     panels = ((IN_DOMAIN, "calibrated in-domain (WikiText-2 valid)"),
               (OUT_OF_DOMAIN, "calibrated out-of-domain (Austen)"))
     for ax, (domain, title) in zip(axes, panels):
@@ -950,8 +950,8 @@ def plot(res: dict[str, dict[str, Any]], order: list[Setting], ref: float | None
         ax.set_xlabel("effective bits / weight (incl. scales, zeros, outliers)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7, ncol=2)
+        if ax.lines:  # below the panel: above it would hide the 2-bit points
+            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     axes[0].set_ylabel("WikiText-2 test perplexity (log)")
     fig.suptitle("SmolLM2-135M-Instruct: perplexity vs storage")
     fig.tight_layout()
