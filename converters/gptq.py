@@ -19,8 +19,9 @@ from typing import Callable
 
 import torch
 
-from qe_vllm.converters.grid import GridSpec, column_grid, fit_grid, quantize, round_to_grid
-from qe_vllm.converters.objective import dead_columns, exact_matmul
+from qe_vllm.converters.grid import column_grid, fit, quantize, round_to_grid
+from qe_vllm.converters.objective import Quadratic, exact_matmul
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 
 RowRounder = Callable[[int, torch.Tensor], torch.Tensor]
@@ -81,49 +82,58 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 @exact_matmul()
 def gptq(
     w: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
+    problem: Quadratic | torch.Tensor,
+    opts: ConvertOptions,
     *,
-    damp: float = 0.01,
-    act_order: bool = False,
-    block_size: int = 128,
-    outlier_mask: torch.Tensor | None = None,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-    outlier_dtype: torch.dtype = torch.float16,
+    outlier_mask: torch.Tensor | None = None,
+    block_size: int = 128,
 ) -> QuantResult:
-    """Quantize ``w`` ``[out, in]`` by GPTQ with Hessian ``sigma`` ``[in, in]``.
+    """Quantize ``w`` ``[out, in]`` by GPTQ on ``problem`` (or a bare Hessian ``Σ``).
 
-    ``act_order`` quantizes columns by decreasing ``sigma_jj`` (the columns
+    ``opts.act_order`` quantizes columns by decreasing ``Σ_jj`` (the columns
     whose error matters most go first, while the most columns remain to
-    compensate). ``outlier_mask`` (bool ``[out, in]``) marks weights kept
-    in ``outlier_dtype`` instead of on the grid; their dense part is 0 and they
-    absorb the error propagated to them, so they hold the compensated value.
-    ``grid`` (``scales``, ``zeros``) defaults to min/max of ``w`` over the
-    non-outliers.
+    compensate); ``opts.damp`` is the dampening. ``outlier_mask`` (bool
+    ``[out, in]``) marks weights kept in float16 instead of on the grid; their
+    dense part is 0 and they absorb the error propagated to them, so they hold
+    the compensated value. ``grid`` (``scales``, ``zeros``) defaults to the
+    grid of ``opts`` fitted on the non-outliers.
+
+    With the error-propagation objective (``problem.shift = M``), GPTQ
+    quantizes the target ``T`` with ``T H = W H + W M``: ``f`` is then
+    ``tr((T - V) H (T - V)ᵀ)`` plus a constant. ``T = W + (W M) H⁻¹`` comes
+    from the factor already at hand, ``H⁻¹ = Uᵀ U`` (QEP's weight correction).
     """
+    if isinstance(problem, torch.Tensor):
+        problem = Quadratic.of(problem)
+    spec = opts.spec
     w = w.float()
     p = w.shape[1]
-    scales, zeros = grid if grid is not None else fit_grid(w, spec, exclude=outlier_mask)
-    h = sigma.to(w.device, torch.float64, copy=True)
-    dead = dead_columns(h)
+    scales, zeros = grid if grid is not None else fit(w, spec, outlier_mask, mse=opts.mse_grid)
+    h = problem.sigma.to(w.device, torch.float64, copy=True)
+    dead = problem.dead.to(w.device)
     h[dead, :] = 0
     h[:, dead] = 0
     h.diagonal()[dead] = 1  # no coupling: a dead column keeps its own RTN value
     order = (
-        torch.argsort(sigma.diagonal().to(w.device), descending=True, stable=True)
-        if act_order
+        torch.argsort(h.diagonal().masked_fill(dead, 0.0), descending=True, stable=True)
+        if opts.act_order
         else torch.arange(p, device=w.device)
     )
-    u = inverse_cholesky(h[order][:, order], damp)
+    u = inverse_cholesky(h[order][:, order], opts.damp)
+    target = w[:, order].double()
+    if problem.shift is not None:
+        drift = (w.double() @ problem.shift.to(w.device, torch.float64)).masked_fill(dead, 0.0)
+        target += (drift[:, order] @ u.t()) @ u
     coupling = (-u / u.diagonal()[:, None]).float()
 
     col_scale, col_zero = (t[order] for t in column_grid(scales, zeros, spec, p, torch.float32))
-    x = w[:, order].t().contiguous()
+    x = target.float().t().contiguous()
     keep = None if outlier_mask is None else outlier_mask[:, order].t().contiguous()
 
     def round_row(j: int, col: torch.Tensor) -> torch.Tensor:
         y = round_to_grid(col, col_scale[j], col_zero[j], spec.maxq)
-        return y if keep is None else torch.where(keep[j], col.to(outlier_dtype).float(), y)
+        return y if keep is None else torch.where(keep[j], col.half().float(), y)
 
     lazy_block_sweep(x, x, coupling, round_row, block_size)
     w_hat = torch.empty_like(w)

@@ -23,6 +23,7 @@ __all__ = [
     "GridSpec",
     "column_grid",
     "dequantize",
+    "fit",
     "fit_grid",
     "fit_grid_mse",
     "quantize",
@@ -97,6 +98,13 @@ def fit_grid_mse(
         best = torch.where(better, err, best)
         scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
     return scales, zeros
+
+
+def fit(
+    w: torch.Tensor, spec: GridSpec, exclude: torch.Tensor | None = None, *, mse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid every solver uses: :func:`fit_grid_mse` with ``mse``, else :func:`fit_grid`."""
+    return (fit_grid_mse if mse else fit_grid)(w, spec, exclude)
 
 
 def _group_view(w: torch.Tensor, spec: GridSpec, pad_value: float) -> torch.Tensor:

@@ -1,35 +1,47 @@
-"""Outlier-aware QuantEase (paper Algorithm 3): a few weights leave the grid and are stored exactly.
+"""Outlier-aware QuantEase (paper Algorithm 3): a few weights leave the grid and are stored in float16.
 
-    min_{W_hat, H} tr((W - W_hat - H) sigma (W - W_hat - H)^T),   W_hat on the grid,   H sparse,
+    min_{V, S} f(V)   s.t.  V_ij on row i's grid for (i, j) ∉ S,   |S| ≤ s,
 
-with a budget of ``round(fraction * out * in)`` entries (``"unstructured"``) or
-``round(fraction * in)`` whole input columns (``"columns"``). Each iteration
-takes one iterative-hard-thresholding step on ``H`` and one QuantEase sweep on
-the target ``W - H``:
+with ``f`` the layer objective (``converters/objective.py``), a budget of
+``round(fraction · out · in)`` entries (``"unstructured"``) or
+``round(fraction · in)`` whole input columns (``"columns"``). Inside ``S`` the
+grid part is 0 (the grid contains 0) and the stored outlier is the whole value.
 
-    H <- T(H - eta (W_hat + H - W) sigma),   eta = 1 / (2 lambda_max(sigma)),
+**The weights, for a fixed support.** A support entry is a free coordinate:
+its coordinate step is the exact minimiser ``β_ij`` (rounded to float16), the
+others round ``β_ij`` onto the grid (``converters/quantease.py``). So one
+sweep updates grid part and outliers together, and never increases ``f``.
 
-``T`` keeping the largest entries (or columns of largest norm): the exact
-projection onto the budget, which therefore holds exactly. ``(W_hat + H - W)
-sigma`` is half the gradient, so ``eta`` is half the ``1/L`` step, slack for
-the power iteration's underestimate of ``lambda_max``; a step that would raise
-``f`` anyway is dropped, so ``f`` never increases. ``H`` is rounded to its
-stored dtype at every step, so the sweeps see exactly the outliers the
-checkpoint holds. The reference code's defects are absent by construction:
-the sweep writes ``W_hat`` (D1), and ``N`` divides every correction by
-``sigma_jj`` (D2).
+**The support.** With all else fixed, ``f`` as a function of ``V_ij`` is
+``Σ_jj (V_ij - β_ij)² + const``. Forcing a free entry onto the grid therefore
+costs ``score_ij = Σ_jj (q_ij(β_ij) - β_ij)²`` (``q_ij`` rounds onto row ``i``'s
+grid), and freeing a grid entry gains exactly its ``score_ij``. Before each
+sweep the support becomes the ``s`` entries (or columns, summing the score)
+of highest score: a swap of an entry for one with a higher score lowers ``f``
+when made alone. Swaps made together interact through Σ, so a sweep whose new
+support ends with a higher ``f`` is undone and the support frozen from then on:
+``f`` never increases.
+
+The paper's iterative-hard-thresholding step ``H ← T_s(H − η ∇_H f)`` with
+``η = 1 / (2 λ_max(Σ))`` does not do this job: on real layers ``λ_max`` is
+orders of magnitude above a typical ``Σ_jj``, so the step moves ``H`` by a tiny
+fraction of one coordinate step and the support never changes.
+
+**Start.** Unstructured: the largest ``|W|``, so the grid, fitted once on the
+other weights, is not stretched by them. Columns: the columns of largest
+``||W_:,j||² Σ_jj``, the output energy they carry (by ``||W_:,j||`` alone the
+variant lost to plain QuantEase on SmolLM2; see docs/ALGORITHM.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qe_vllm.converters.grid import GridSpec, fit_grid, fit_grid_mse, quantize
-from qe_vllm.converters.objective import damped, exact_matmul
+from qe_vllm.converters.grid import fit, quantize, round_to_grid
+from qe_vllm.converters.objective import Quadratic, exact_matmul
+from qe_vllm.converters.options import STRUCTURES, ConvertOptions
 from qe_vllm.converters.quantease import CoordinateDescent, initial_point, stalled
 from qe_vllm.converters.result import QuantResult
-
-STRUCTURES = ("unstructured", "columns")
 
 
 def outlier_budget(shape: torch.Size | tuple[int, int], fraction: float, structure: str) -> int:
@@ -40,82 +52,81 @@ def outlier_budget(shape: torch.Size | tuple[int, int], fraction: float, structu
     return round(fraction * in_f) if structure == "columns" else round(fraction * out_f * in_f)
 
 
-def largest(v: torch.Tensor, budget: int, structure: str) -> torch.Tensor:
-    """Bool mask of the ``budget`` largest ``|v|`` entries, or ``budget`` columns of top norm."""
-    mask = torch.zeros_like(v, dtype=torch.bool)
+def top(score: torch.Tensor, budget: int, structure: str) -> torch.Tensor:
+    """Bool mask of the ``budget`` highest-scoring entries, or columns by summed score."""
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     if structure == "columns":
-        mask[:, torch.topk(v.norm(dim=0), budget).indices] = True
+        mask[:, torch.topk(score.sum(dim=0), budget).indices] = True
     else:
-        mask.view(-1)[torch.topk(v.abs().flatten(), budget).indices] = True
+        mask.view(-1)[torch.topk(score.flatten(), budget).indices] = True
     return mask
 
 
-def lambda_max(sigma: torch.Tensor, iters: int = 30, seed: int | None = None) -> float:
-    """Largest eigenvalue of the PSD ``sigma`` by power iteration (an estimate from below)."""
-    gen = torch.Generator(sigma.device).manual_seed(0 if seed is None else seed)
-    v = torch.randn(sigma.shape[0], generator=gen, device=sigma.device, dtype=sigma.dtype)
-    for _ in range(iters):
-        v = sigma @ v
-        v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-    return float(v @ sigma @ v)
+def initial_support(w: torch.Tensor, sigma_diag: torch.Tensor, budget: int, structure: str) -> torch.Tensor:
+    """Largest ``|W|`` entries, or the columns of largest ``||W_:,j||² Σ_jj`` (module docstring)."""
+    if structure == "columns":
+        return top(w.square() * sigma_diag.to(w), budget, structure)
+    return top(w.abs(), budget, structure)
+
+
+def support_score(
+    cd: CoordinateDescent, v: torch.Tensor, g: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_jj (q(β) - β)²`` per entry: what leaving the grid would gain (module docstring).
+
+    The objective cannot see dead columns (weight 0), so their entries keep
+    their place: in the support (the largest weights, which the grid does not
+    cover) or out of it.
+    """
+    beta = (v + g).t()
+    gap = round_to_grid(beta, cd.col_scale, cd.col_zero, cd.maxq) - beta
+    score = (gap.square() * cd.weight[:, None]).t()
+    dead = cd.weight == 0
+    return torch.where(dead & mask, torch.inf, score)
 
 
 @exact_matmul()
-def quantease_outliers(
-    w: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
-    fraction: float,
-    *,
-    structure: str = "unstructured",
-    iters: int = 5,
-    init: str = "gptq",
-    damp: float = 0.0,
-    init_damp: float = 0.01,
-    act_order: bool = False,
-    tol: float = 1e-4,
-    block_size: int = 128,
-    mse_grid: bool = False,
-    dtype: torch.dtype = torch.float32,
-    outlier_dtype: torch.dtype = torch.float16,
-    power_iters: int = 30,
-    seed: int | None = None,
-) -> QuantResult:
-    """Quantize ``w`` ``[out, in]`` to a grid part plus ``fraction`` sparse outliers.
+def quantease_outliers(w: torch.Tensor, problem: Quadratic, opts: ConvertOptions) -> QuantResult:
+    """Quantize ``w`` ``[out, in]`` to a grid part plus ``opts.outlier_fraction`` sparse outliers.
 
-    The outliers start as the largest weights (or columns of largest norm),
-    and the grid is fitted, once, on the rest. The result's ``outliers`` hold
-    ``H`` (values representable in ``outlier_dtype``; ``None`` for a zero
-    budget), on top of the dense part. Other arguments as for
-    :func:`~qe_vllm.converters.quantease.quantease`; ``seed`` picks the power
-    iteration's start.
+    The result's ``outliers`` hold the float16 values on top of the dense part
+    (``None`` for a zero budget). Other settings as for
+    :func:`~qe_vllm.converters.quantease.quantease`.
     """
     w = w.float()
-    sigma = sigma.to(w.device)
-    budget = outlier_budget(w.shape, fraction, structure)
-    mask = largest(w, budget, structure)
-    grid = (fit_grid_mse if mse_grid else fit_grid)(w, spec, exclude=mask)
-    w_hat, h = initial_point(
-        w, sigma, spec, grid, init, damp=init_damp, act_order=act_order,
-        outlier_mask=mask, outlier_dtype=outlier_dtype,
-    )
-    w, w_hat, h, sigma = (t.to(dtype) for t in (w, w_hat, h, sigma))
-    cd = CoordinateDescent(sigma, spec, *grid, damp=damp, block_size=block_size)
-    lam = lambda_max(damped(sigma, damp), power_iters, seed)
-    eta = 0.5 / lam if lam > 0 else 0.0
+    problem = problem.to(w.device, torch.float64)
+    structure = opts.outlier_structure
+    budget = outlier_budget(w.shape, opts.outlier_fraction, structure)
+    mask = initial_support(w, problem.sigma.diagonal(), budget, structure)
+    grid = fit(w, opts.spec, mask, mse=opts.mse_grid)
+    v = initial_point(w, problem, opts, grid, mask)
+    regularized = problem.regularized(opts.shrink, opts.cd_damp)
 
-    g, f = cd.gradient(w - h, w_hat)
-    history = [f] if cd.on_grid(w_hat) else []
-    for _ in range(iters):
-        step = h + eta * g * cd.col_norm  # H - eta (W_hat + H - W) sigma
-        h_new = step.where(largest(step, budget, structure), 0.0).to(outlier_dtype).to(dtype)
-        g_new, f_new = cd.gradient(w - h_new, w_hat)
-        if f_new <= f:
-            h, g = h_new, g_new
-        w_hat = cd.sweep(w - h, w_hat, g)
-        g, f = cd.gradient(w - h, w_hat)
+    def solver(free: torch.Tensor) -> CoordinateDescent:
+        return CoordinateDescent(w, regularized, opts.spec, grid, free=free)
+
+    cd = solver(mask)
+    g, f = cd.gradient(v)
+    history = [f]
+    swapping = budget > 0
+    for _ in range(opts.iters):
+        if swapping:
+            new = top(support_score(cd, v, g, mask), budget, structure)
+            trial = solver(new)
+            v_new = trial.sweep(v, trial.gradient(v)[0])
+            g_new, f_new = trial.gradient(v_new)
+            if f_new < f:
+                cd, mask, v, g, f = trial, new, v_new, g_new, f_new
+                history.append(f)
+                if stalled(history, 1e-4):
+                    break
+                continue
+            swapping = False
+        v = cd.sweep(v, g)
+        g, f = cd.gradient(v)
         history.append(f)
-        if stalled(history, tol):
+        if stalled(history, 1e-4):
             break
-    codes = quantize(w_hat.float(), *grid, spec)
-    return QuantResult(codes, *grid, h.float() if budget > 0 else None)
+    dense = v.masked_fill(mask, 0.0)
+    outliers = (v - dense) if budget > 0 else None
+    return QuantResult(quantize(dense, *grid, opts.spec), *grid, outliers)

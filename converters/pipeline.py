@@ -1,12 +1,16 @@
 """Layer-wise conversion of a Hugging Face causal LM into a QuantEase checkpoint.
 
-GPTQ-style sequential calibration (algorithm notes §9): the inputs of block 0
-are captured once, then block by block
+GPTQ-style sequential calibration (docs/ALGORITHM.md): the inputs of block 0
+are captured once, then block by block, group by group of linears sharing an
+input (q/k/v; o; gate/up; down):
 
-1. forward hooks accumulate Σ = Σ x xᵀ once per distinct linear input (q/k/v
-   share one, gate/up share one), per sample in float32 and summed in float64;
-2. every linear is solved against Σ and its quantized effective weight Ŵ is
-   written back into the block;
+1. forward pre-hooks accumulate the group's statistics Σ = Σ x xᵀ
+   (``converters/statistics.py``) on the block with every earlier group already
+   quantized (true-sequential; or, with ``true_sequential=False``, all groups on
+   the unquantized block); with error propagation a full-precision copy of the
+   block, fed the full-precision model's activations, gives the cross terms;
+2. every linear of the group is solved (``converters/solvers.py``) and its
+   quantized effective weight Ŵ is written back into the block;
 3. the block is re-run, so the next block is calibrated on the outputs of the
    *quantized* block, as it will see them at inference.
 
@@ -28,6 +32,7 @@ block and layer named, instead of feeding a solver garbage.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -58,89 +63,18 @@ from qe_vllm.converters.checkpoint import (
     write_model_dir,
     writing,
 )
-from qe_vllm.converters.grid import GridSpec
 from qe_vllm.converters.hf_loading import resolve_model
+from qe_vllm.converters.objective import exact_matmul
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
-from qe_vllm.converters.solvers import METHODS, solve
-from qe_vllm.format import COL_IDX, OUTLIER_VALUE_DTYPES, QuantEaseConfig
+from qe_vllm.converters.solvers import solve
+from qe_vllm.converters.statistics import block_statistics
+from qe_vllm.format import COL_IDX, QuantEaseConfig
 
 log = logging.getLogger(__name__)
 
 OUTLIER_DTYPE = "float16"
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # largest storable scale or outlier value
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Everything that determines the converted weights (and nothing that does not)."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    method: str = "rtn"
-    outlier_fraction: float = 0.0
-    outlier_structure: str = "unstructured"
-    iters: int = 5
-    damp: float = 0.01
-    cd_damp: float = 0.0
-    init: str = "gptq"
-    act_order: bool = False
-    mse_grid: bool = False
-    calib_data: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-
-    @property
-    def calibrated(self) -> bool:
-        return self.method != "rtn"
-
-    def quant_config(
-        self, arch: Architecture, provenance: dict[str, Any] | None = None
-    ) -> QuantEaseConfig:
-        return QuantEaseConfig(
-            bits=self.bits,
-            group_size=self.group_size,
-            sym=self.sym,
-            outlier_fraction=self.outlier_fraction,
-            outlier_structure=self.outlier_structure,
-            outlier_dtype=OUTLIER_DTYPE,
-            modules_to_not_convert=list(arch.not_converted),
-            provenance=provenance or {},
-        )
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(
-                f"method {self.method!r} is not supported; choose one of {list(METHODS)}"
-            )
-        if self.calibrated and not self.calib_data:
-            raise ValueError(
-                f"method {self.method} needs calibration text: pass --calib-data FILE_OR_DATASET"
-            )
-        if self.calibrated and (self.nsamples < 1 or self.seqlen < 2):
-            raise ValueError(
-                f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: calibration needs at least "
-                "1 sample of at least 2 tokens"
-            )
-        if self.damp < 0 or self.cd_damp < 0:
-            raise ValueError(
-                f"--damp {self.damp} / --cd-damp {self.cd_damp}: dampening cannot be negative"
-            )
-        runs_gptq = self.method == "gptq" or (self.method == "quantease" and self.init == "gptq")
-        if self.act_order and not runs_gptq:
-            raise ValueError(
-                "--act-order orders the columns of a GPTQ pass: use it with --method gptq, "
-                "or --method quantease --init gptq"
-            )
-        if (
-            self.method == "rtn"
-            and self.outlier_fraction > 0
-            and self.outlier_structure != "unstructured"
-        ):
-            raise ValueError(
-                "method rtn keeps unstructured outliers only; use --outlier-structure unstructured"
-            )
 
 
 @dataclass
@@ -157,26 +91,6 @@ class ConvertReport:
 
 
 # --------------------------------------------------------------------------- solving
-
-
-def solve_linear(opts: ConvertOptions, w: torch.Tensor, sigma: torch.Tensor | None) -> QuantResult:
-    """Quantize one weight matrix ``[out, in]`` (float32) with the chosen method."""
-    return solve(
-        opts.method,
-        w,
-        sigma,
-        GridSpec(opts.bits, opts.group_size, opts.sym),
-        outlier_fraction=opts.outlier_fraction,
-        outlier_structure=opts.outlier_structure,
-        iters=opts.iters,
-        damp=opts.damp,
-        cd_damp=opts.cd_damp,
-        init=opts.init,
-        act_order=opts.act_order,
-        mse_grid=opts.mse_grid,
-        seed=opts.seed,
-        outlier_dtype=OUTLIER_VALUE_DTYPES[OUTLIER_DTYPE],
-    )
 
 
 def check_solution(name: str, res: QuantResult, opts: ConvertOptions, w: torch.Tensor) -> None:
@@ -210,35 +124,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) ->
     return float(((d @ sigma) * d).sum()) / den if den > 0 else 0.0
 
 
-class InputCovariance:
-    """Running Σ = Σ x xᵀ of one linear input; per-sample products in float32, the sum in float64."""
-
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.sigma = torch.zeros(features, features, dtype=torch.float64, device=device)
-
-    def hook(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        self.sigma += (x.T @ x).double()
-
-
 # --------------------------------------------------------------------------- running blocks
-
-
-@contextmanager
-def exact_matmul() -> Iterator[None]:
-    """TF32 off: Σ and the coordinate-descent products are differences of nearly equal terms."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
 
 
 @contextmanager
@@ -325,19 +211,13 @@ def capture_block_inputs(
 
 
 def run_block(
-    block: torch.nn.Module,
-    acts: torch.Tensor,
-    kwargs: dict[str, Any],
-    device: torch.device,
-    *,
-    into: torch.Tensor | None,
+    block: torch.nn.Module, acts: torch.Tensor, kwargs: dict[str, Any], *, into: torch.Tensor
 ) -> None:
-    """Feed every sample through ``block``; write the outputs to ``into`` (may be ``acts`` itself)."""
-    kw = _to(kwargs, device)
+    """Feed every sample through ``block`` (on ``kwargs``' device); write the outputs to ``into``."""
+    device = next(block.parameters()).device
     for j in range(acts.shape[0]):
-        y = block(acts[j : j + 1].to(device), **kw)
-        if into is not None:
-            into[j] = (y[0] if isinstance(y, tuple) else y)[0].float().cpu()
+        y = block(acts[j : j + 1].to(device), **kwargs)
+        into[j] = (y[0] if isinstance(y, tuple) else y)[0].float().cpu()
 
 
 def quantize_block(
@@ -345,49 +225,51 @@ def quantize_block(
     arch: Architecture,
     opts: ConvertOptions,
     device: torch.device,
-    acts: torch.Tensor | None,
+    acts: dict[str, torch.Tensor] | None,
     kwargs: dict[str, Any],
     label: str,
 ) -> tuple[dict[str, QuantResult], dict[str, float | None]]:
-    """Solve every linear of one block; with calibration, advance ``acts`` in place to its quantized outputs."""
+    """Solve every linear of one block; with calibration, advance ``acts`` in place to its outputs.
+
+    ``acts["hidden"]`` are the block's inputs in the model quantized so far;
+    with error propagation ``acts["hidden_fp"]`` are the same samples' inputs
+    in the full-precision model, which a full-precision copy of the block
+    advances alongside. True-sequential: each group of linears sharing an
+    input is calibrated on the block with every earlier group already
+    quantized; otherwise all groups are calibrated on the unquantized block.
+    """
     results: dict[str, QuantResult] = {}
     errors: dict[str, float | None] = {}
+    kw = _to(kwargs, device)
     bar = tqdm(total=len(arch.linears), desc=label, leave=False)
     with borrowed([block], device):
-        covs: dict[str, InputCovariance] = {}
-        if acts is not None:
-            hooks = []
-            for group in arch.input_groups:
-                lin = get_module(block, group[0])
-                covs[group[0]] = InputCovariance(lin.in_features, device)
-                hooks.append(lin.register_forward_pre_hook(covs[group[0]].hook))
-            try:
-                run_block(block, acts, kwargs, device, into=None)
-            finally:
-                for h in hooks:
-                    h.remove()
-        for group in arch.input_groups:
-            sigma = covs.pop(group[0]).sigma if acts is not None else None
-            if sigma is not None and not bool(torch.isfinite(sigma).all()):
-                raise ValueError(
-                    f"the calibration activations entering {label}.{group[0]} hold NaN or Inf "
-                    "(the model overflows float32 on this text); check the model's weights "
-                    "(norm scales, embeddings) or calibrate with other --calib-data"
+        fp_block = copy.deepcopy(block) if acts is not None and "hidden_fp" in acts else None
+        stages = [[g] for g in arch.input_groups] if opts.true_sequential else [arch.input_groups]
+        for stage in stages:
+            stats = {}
+            if acts is not None:
+                stats = block_statistics(
+                    block, [g[0] for g in stage], acts["hidden"], kw, device,
+                    fp_block=fp_block, fp_acts=acts.get("hidden_fp"), label=label,
                 )
-            for name in group:
-                lin = get_module(block, name)
-                w = lin.weight.detach()
-                res = solve_linear(opts, w, sigma)
-                check_solution(f"{label}.{name}", res, opts, w)
-                w_hat = res.weight(opts.group_size).to(device)
-                errors[name] = None if sigma is None else relative_error(w, w_hat, sigma)
-                if errors[name] is not None:
-                    log.info("%s.%s: relative reconstruction error %.4e", label, name, errors[name])
-                lin._parameters["weight"] = torch.nn.Parameter(w_hat, requires_grad=False)
-                results[name] = res
-                bar.update()
+            for group in stage:
+                for name in group:
+                    lin = get_module(block, name)
+                    w = lin.weight.detach()
+                    st = stats.get(group[0])
+                    res = solve(w, st, opts)
+                    check_solution(f"{label}.{name}", res, opts, w)
+                    w_hat = res.weight(opts.group_size).to(device)
+                    errors[name] = None if st is None else relative_error(w, w_hat, st.sigma)
+                    if errors[name] is not None:
+                        log.info("%s.%s: relative reconstruction error %.4e", label, name, errors[name])
+                    lin._parameters["weight"] = torch.nn.Parameter(w_hat, requires_grad=False)
+                    results[name] = res
+                    bar.update()
         if acts is not None:
-            run_block(block, acts, kwargs, device, into=acts)
+            run_block(block, acts["hidden"], kw, into=acts["hidden"])
+            if fp_block is not None:
+                run_block(fp_block, acts["hidden_fp"], kw, into=acts["hidden_fp"])
     bar.close()
     return results, errors
 
@@ -428,9 +310,9 @@ class WorkDir:
             torch.save(kwargs, tmp)
         os.replace(tmp, self.path / "block_kwargs.pt")
 
-    def load_acts(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def load_acts(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Inputs of block ``i`` (saved when block ``i - 1`` finished) and the block kwargs."""
-        acts = load_file(str(self._inputs_file(i)))["hidden"]
+        acts = load_file(str(self._inputs_file(i)))
         return acts, torch.load(self.path / "block_kwargs.pt", weights_only=True)
 
     def save_block(
@@ -438,7 +320,7 @@ class WorkDir:
         i: int,
         tensors: dict[str, torch.Tensor],
         errors: dict[str, float | None],
-        acts: torch.Tensor | None,
+        acts: dict[str, torch.Tensor] | None,
     ) -> None:
         """Block ``i`` done: its tensors, the next block's inputs, the progress marker, cleanup.
 
@@ -448,7 +330,7 @@ class WorkDir:
         """
         _save_atomic(self._block_file(i), tensors, {"errors": json.dumps(errors, sort_keys=True)})
         if acts is not None:
-            _save_atomic(self._inputs_file(i + 1), {"hidden": acts}, {})
+            _save_atomic(self._inputs_file(i + 1), acts, {})
         _replace_text(self.path / "progress.json", json.dumps({"next_block": i + 1}))
         self._inputs_file(i).unlink(missing_ok=True)
 
@@ -535,30 +417,34 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"the model's tensor {name} holds NaN or Inf; refusing to quantize it")
 
 
+def quant_config(
+    opts: ConvertOptions, arch: Architecture, provenance: dict[str, Any] | None = None
+) -> QuantEaseConfig:
+    return QuantEaseConfig(
+        bits=opts.bits,
+        group_size=opts.group_size,
+        sym=opts.sym,
+        outlier_fraction=opts.outlier_fraction,
+        outlier_structure=opts.outlier_structure,
+        outlier_dtype=OUTLIER_DTYPE,
+        modules_to_not_convert=list(arch.not_converted),
+        provenance=provenance or {},
+    )
+
+
 def provenance(
     opts: ConvertOptions, model: str, arch_name: str, errors: dict[str, float | None]
 ) -> dict[str, Any]:
-    calib = None
+    """Every option (``asdict``), with the calibration source resolved to an absolute path."""
+    options = asdict(opts)
     if opts.calibrated:
         path = Path(opts.calib_data).expanduser()
-        data = str(path.resolve()) if path.exists() else opts.calib_data
-        calib = {"data": data, "nsamples": opts.nsamples, "seqlen": opts.seqlen}
+        options["calib_data"] = str(path.resolve()) if path.exists() else opts.calib_data
     return {
         "method": opts.method,
         "source_model": model,
         "architecture": arch_name,
-        "calibration": calib,
-        "solver": {
-            "iters": opts.iters,
-            "damp": opts.damp,
-            "cd_damp": opts.cd_damp,
-            "init": opts.init,
-            "act_order": opts.act_order,
-        }
-        if opts.calibrated
-        else {},
-        "mse_grid": opts.mse_grid,
-        "seed": opts.seed,
+        "options": options,
         "qe_vllm_version": version("qe-vllm"),
         "relative_error": errors,
     }
@@ -584,7 +470,7 @@ def convert(
             f"{source} is already quantized ({quantized}); pass the original model to --model"
         )
     arch_name, arch = architectures.lookup(hf_config)
-    opts.quant_config(arch)  # validates bits / group size / outliers before any work
+    quant_config(opts, arch)  # validates bits / group size / outliers before any work
     dev = pick_device(device)
     check_output(output, overwrite=overwrite, resume=resume)
     original = read_tensors(source)
@@ -609,11 +495,14 @@ def convert(
     staging = prepare_partial(output, overwrite=overwrite, resume=resume)
     work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)})
     first = work.next_block
-    qcfg = opts.quant_config(arch)
+    qcfg = quant_config(opts, arch)
     acts, kwargs = None, {}
     with torch.no_grad(), exact_matmul():
         if opts.calibrated and first == 0:
-            acts, kwargs = capture_block_inputs(net, arch, windows, dev)
+            hidden, kwargs = capture_block_inputs(net, arch, windows, dev)
+            acts = {"hidden": hidden}
+            if opts.propagation > 0:
+                acts["hidden_fp"] = hidden.clone()
             work.save_kwargs(kwargs)
         elif opts.calibrated and first < len(blocks):
             acts, kwargs = work.load_acts(first)
@@ -630,7 +519,7 @@ def convert(
         output=output,
         source=source,
         architecture=arch_name,
-        qcfg=opts.quant_config(arch, provenance(opts, model, arch_name, errors)),
+        qcfg=quant_config(opts, arch, provenance(opts, model, arch_name, errors)),
         shapes={n: tuple(original[f"{n}.weight"].shape) for n in names},
         nnz={n: state[f"{n}.{COL_IDX}"].numel() for n in names},
     )

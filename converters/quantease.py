@@ -1,25 +1,39 @@
 """QuantEase (Behdin et al., 2023): cyclic coordinate descent on the layer objective, fixed grid.
 
-With every weight but ``W_hat_ij`` fixed, ``f(W_hat) = tr((T - W_hat) sigma (T - W_hat)^T)``
-(``T`` the target: ``W``, or ``W - H`` with outliers) is a parabola in it with minimiser
+The objective (``converters/objective.py``) of the layer's iterate ``V`` is
 
-    beta_ij = W_hat_ij + [(T - W_hat) sigma]_ij / sigma_jj,
+    f(V) = tr(e Σ eᵀ) + 2 tr(W M eᵀ) + const,      e = W - V,
 
-so the best grid point is the nearest one and no step increases ``f``. Rows are
+``M = 0`` for the classic layer-wise target and ``M ≠ 0`` for the
+error-propagation one. With every weight but ``V_ij`` fixed, ``f`` is a parabola
+in it, ``Σ_jj (V_ij - β_ij)² + const``, whose minimiser is
+
+    β_ij = V_ij + [(W - V) Σ + W M]_ij / Σ_jj,
+
+so the best grid point is the nearest one and no step increases ``f``. (With
+``M = 0`` this is the paper's update; the cross term only adds the fixed
+``(W M)_ij / Σ_jj``, so error propagation costs nothing per sweep.) Rows are
 independent: a column is updated for all output rows at once; the loop over
 columns is sequential. A sweep is one pass over the columns.
 
-Bookkeeping (algorithm.md §5): at the start of a sweep all ``beta`` come from
-one GEMM, ``beta = W_hat + (T - W_hat) N`` with ``N = sigma diag(sigma)^-1``.
-That is Algorithm 2's ``P - P_hat``, formed from the small difference
-``T - W_hat`` instead of as the difference of two large products. Moving
-column ``j`` by ``-step`` moves the ``beta`` of every later column ``k`` by
-``N_jk * step``: the same triangular update as GPTQ's, deferred per block of
-columns by :func:`lazy_block_sweep`. The GEMM gives ``f`` for free too:
-``(T - W_hat) sigma = ((T - W_hat) N) diag(sigma)``.
+**Bookkeeping.** At the start of a sweep every ``β`` comes from one GEMM,
+``β = V + G`` with ``G = (W - V) N + (W M) diag(Σ)⁻¹`` and
+``N = Σ diag(Σ)⁻¹`` (Algorithm 2's ``P - P̂``, formed from the small difference
+``W - V`` instead of as the difference of two large products). Moving column
+``j`` by ``-step`` moves the ``β`` of every later column ``k`` by
+``N_jk · step``: the triangular update GPTQ also makes, deferred per block of
+columns by :func:`~qe_vllm.converters.gptq.lazy_block_sweep`. The same GEMM
+gives ``f``: ``(W - V) Σ = ((W - V) N) diag(Σ)``.
 
-Dead columns (:func:`dead_columns`) are not solved for: they hold the
-round-to-nearest value of the target, never zero and never ``0 / 0``.
+**Free entries.** The outlier-aware variant (``converters/outliers.py``) marks
+entries that are stored in float16 instead of on the grid; for those the
+coordinate step takes ``β`` itself (rounded to float16), the exact minimiser.
+
+**Dead columns** (:func:`~qe_vllm.converters.objective.dead_columns`) are
+decoupled, as in GPTQ: their rows and columns of ``N`` are zeroed (``N_jj = 1``)
+so no other column moves them and they move no other column, and their ``β``
+is ``W_j`` itself: they keep the round-to-nearest value of ``W`` at any scale
+of Σ, never 0 and never ``0 / 0``.
 """
 
 from __future__ import annotations
@@ -27,171 +41,139 @@ from __future__ import annotations
 import torch
 
 from qe_vllm.converters.gptq import gptq, lazy_block_sweep
-from qe_vllm.converters.grid import (
-    GridSpec,
-    column_grid,
-    dequantize,
-    fit_grid,
-    fit_grid_mse,
-    quantize,
-    round_to_grid,
-)
-from qe_vllm.converters.objective import damped, dead_columns, exact_matmul
+from qe_vllm.converters.grid import GridSpec, column_grid, dequantize, fit, quantize, round_to_grid
+from qe_vllm.converters.objective import Quadratic, exact_matmul
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 
-INITS = ("w", "rtn", "gptq")
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class CoordinateDescent:
-    """QuantEase sweeps for one layer: ``sigma`` and the grid are fixed, the target may change.
+    """QuantEase sweeps for one layer: ``W``, the objective and the grid are fixed.
 
-    Computes in ``sigma``'s dtype; ``damp`` > 0 minimises the damped objective
-    (a ridge pull towards the target) instead of the raw one.
+    ``free`` (bool ``[out, in]``) marks entries stored in float16 instead of on
+    the grid. Computes in ``dtype``.
     """
 
     def __init__(
         self,
-        sigma: torch.Tensor,
+        w: torch.Tensor,
+        problem: Quadratic,
         spec: GridSpec,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
+        grid: tuple[torch.Tensor, torch.Tensor],
         *,
-        damp: float = 0.0,
+        free: torch.Tensor | None = None,
         block_size: int = 128,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        dead = dead_columns(sigma)
-        sigma = damped(sigma, damp)
-        self.col_norm = torch.where(dead, 1.0, sigma.diagonal())  # 1: no 0/0 for dead columns
-        self.n = sigma / self.col_norm  # N_kj = sigma_kj / sigma_jj
-        self.dead = dead.nonzero().squeeze(1)
-        p = sigma.shape[0]
-        self.col_scale, self.col_zero = column_grid(scales, zeros, spec, p, sigma.dtype)
+        q = problem.to(w.device, dtype)
+        sigma = q.sigma.clone()
+        sigma[q.dead] = 0
+        sigma[:, q.dead] = 0
+        sigma.diagonal()[q.dead] = 1
+        self.n = sigma / sigma.diagonal()  # N_kj = Σ_kj / Σ_jj
+        self.weight = sigma.diagonal().masked_fill(q.dead, 0.0)  # a dead column's error is not seen
+        self.w = w.to(dtype)
+        self.drift = (
+            None if q.shift is None else ((self.w @ q.shift) / sigma.diagonal()).masked_fill(q.dead, 0.0)
+        )
+        self.const = 0.0 if q.offset is None else float(((w.double() @ q.offset.double()) * w.double()).sum())
+        self.col_scale, self.col_zero = column_grid(*grid, spec, w.shape[1], dtype)
         self.maxq = spec.maxq
+        self.free = None if free is None else free.t().contiguous()
         self.block_size = block_size
 
-    def gradient(self, target: torch.Tensor, w_hat: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``G = (T - W_hat) N`` and ``f(W_hat)`` from the same GEMM."""
-        e = target - w_hat
+    def gradient(self, v: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``G = β - V`` for every entry, and ``f(V)``, from one GEMM."""
+        e = self.w - v
         g = e @ self.n
-        return g, float((g * self.col_norm * e).sum(dtype=torch.float64))
+        if self.drift is not None:
+            g += self.drift
+            f = ((g + self.drift) * self.weight * e).sum(dtype=torch.float64)
+        else:
+            f = (g * self.weight * e).sum(dtype=torch.float64)
+        return g, float(f) + self.const
 
-    def sweep(self, target: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """One cyclic pass over the columns from ``w_hat``; ``g = gradient(target, w_hat)[0]``."""
-        beta = (w_hat + g).t().contiguous()
-        beta[self.dead] = target.t()[self.dead]
-        w_t = w_hat.t().clone(memory_format=torch.contiguous_format)  # never alias the caller's
-        lazy_block_sweep(beta, w_t, self.n, self._round, self.block_size)
-        return w_t.t()
+    def sweep(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """One cyclic pass over the columns from ``v``; ``g = gradient(v)[0]``."""
+        beta = (v + g).t().contiguous()
+        v_t = v.t().clone(memory_format=torch.contiguous_format)  # never alias the caller's
+        lazy_block_sweep(beta, v_t, self.n, self._round, self.block_size)
+        return v_t.t()
 
-    def on_grid(self, w_hat: torch.Tensor) -> bool:
-        w_t = w_hat.t()
-        return torch.equal(round_to_grid(w_t, self.col_scale, self.col_zero, self.maxq), w_t)
+    def on_grid(self, v: torch.Tensor) -> bool:
+        v_t = v.t()
+        snapped = round_to_grid(v_t, self.col_scale, self.col_zero, self.maxq)
+        if self.free is not None:
+            snapped = torch.where(self.free, v_t, snapped)
+        return torch.equal(snapped, v_t)
 
     def _round(self, j: int, col: torch.Tensor) -> torch.Tensor:
-        return round_to_grid(col, self.col_scale[j], self.col_zero[j], self.maxq)
+        y = round_to_grid(col, self.col_scale[j], self.col_zero[j], self.maxq)
+        if self.free is None:
+            return y
+        exact = col.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).to(col.dtype)
+        return torch.where(self.free[j], exact, y)
 
 
 def stalled(history: list[float], tol: float) -> bool:
     """True once the last sweep lowered ``f`` by at most ``tol`` relative."""
-    return len(history) >= 2 and history[-2] - history[-1] <= tol * history[-2]
+    return len(history) >= 2 and history[-2] - history[-1] <= tol * abs(history[-2])
 
 
 @exact_matmul()
 def coordinate_descent(
-    target: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    w_hat: torch.Tensor,
-    *,
-    iters: int,
-    tol: float = 1e-4,
-    damp: float = 0.0,
-    block_size: int = 128,
+    cd: CoordinateDescent, v: torch.Tensor, *, iters: int, tol: float = 1e-4
 ) -> tuple[torch.Tensor, list[float]]:
-    """Up to ``iters`` sweeps from ``w_hat``, computed in ``target``'s dtype.
+    """Up to ``iters`` sweeps of ``cd`` from ``v``.
 
-    Returns the last iterate and ``f`` of every iterate on the grid (the start
-    counts only if it is on the grid: ``f(W) = 0`` says nothing). Stops once a
-    sweep lowers ``f`` by at most ``tol`` relative.
+    Returns the last iterate and ``f`` of every iterate that is storable (the
+    start counts only if it is: ``f(W) = 0`` says nothing). Stops once a sweep
+    lowers ``f`` by at most ``tol`` relative.
     """
-    cd = CoordinateDescent(sigma.to(target), spec, scales, zeros, damp=damp, block_size=block_size)
-    w_hat = w_hat.to(target)
-    g, f = cd.gradient(target, w_hat)
-    history = [f] if cd.on_grid(w_hat) else []
+    v = v.to(cd.w)
+    g, f = cd.gradient(v)
+    history = [f] if cd.on_grid(v) else []
     for _ in range(iters):
-        w_hat = cd.sweep(target, w_hat, g)
-        g, f = cd.gradient(target, w_hat)
+        v = cd.sweep(v, g)
+        g, f = cd.gradient(v)
         history.append(f)
         if stalled(history, tol):
             break
-    return w_hat, history
+    return v, history
 
 
 def initial_point(
     w: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
+    problem: Quadratic,
+    opts: ConvertOptions,
     grid: tuple[torch.Tensor, torch.Tensor],
-    init: str,
-    *,
-    damp: float = 0.01,
-    act_order: bool = False,
-    outlier_mask: torch.Tensor | None = None,
-    outlier_dtype: torch.dtype = torch.float16,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Starting dense part and outliers (``None`` without ``outlier_mask``), summing to about ``w``.
+    free: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Starting iterate (grid part plus the float16 ``free`` entries), about ``w``.
 
     ``'w'``: ``w`` itself, the first sweep quantizes it; ``'rtn'``: the
-    nearest grid point; ``'gptq'``: GPTQ on the same grid, the best start (one
-    sweep from GPTQ beats ten from ``w``, algorithm.md §6). Outliers start as
-    the weights under ``outlier_mask`` (GPTQ: their compensated values).
+    nearest grid point; ``'gptq'``: GPTQ on the same grid and target, the best
+    start (one sweep from GPTQ beats ten from ``w``, docs/ALGORITHM.md).
     """
-    if init == "gptq":
-        r = gptq(
-            w, sigma, spec, damp=damp, act_order=act_order, outlier_mask=outlier_mask,
-            grid=grid, outlier_dtype=outlier_dtype,
-        )
-        return dequantize(r.codes, r.scales, r.zeros, spec.group_size), r.outliers
-    if init not in INITS:
-        raise ValueError(f"init={init!r}; choose one of {list(INITS)}")
-    h = None if outlier_mask is None else w.where(outlier_mask, 0.0).to(outlier_dtype).float()
-    dense = w if h is None else w - h
-    if init == "rtn":
-        dense = dequantize(quantize(dense, *grid, spec), *grid, spec.group_size)
-    return dense, h
+    if opts.init == "gptq":
+        return gptq(w, problem, opts, grid=grid, outlier_mask=free).weight(opts.group_size)
+    v = w if opts.init == "w" else dequantize(quantize(w, *grid, opts.spec), *grid, opts.group_size)
+    return v if free is None else torch.where(free, w.half().float(), v)
 
 
-@exact_matmul()
-def quantease(
-    w: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
-    *,
-    iters: int = 5,
-    init: str = "gptq",
-    damp: float = 0.0,
-    init_damp: float = 0.01,
-    act_order: bool = False,
-    tol: float = 1e-4,
-    block_size: int = 128,
-    mse_grid: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> QuantResult:
-    """Quantize ``w`` ``[out, in]`` by QuantEase with ``sigma = sum x x^T`` ``[in, in]``.
+def quantease(w: torch.Tensor, problem: Quadratic, opts: ConvertOptions) -> QuantResult:
+    """Quantize ``w`` ``[out, in]`` by QuantEase on ``problem``.
 
     The grid is fitted once from ``w`` (min/max, or MSE-clipped with
-    ``mse_grid``) and never moves: a grid that moves mid-sweep breaks descent.
-    ``damp`` damps the sweeps (default none: they minimise the true objective);
-    ``init_damp`` and ``act_order`` configure the GPTQ start.
+    ``opts.mse_grid``) and never moves: a grid that moves mid-sweep breaks
+    descent. The sweeps minimise the objective regularized by ``opts.shrink``
+    and ``opts.cd_damp``; the GPTQ start solves the unregularized one.
     """
     w = w.float()
-    sigma = sigma.to(w.device)
-    grid = (fit_grid_mse if mse_grid else fit_grid)(w, spec)
-    start, _ = initial_point(w, sigma, spec, grid, init, damp=init_damp, act_order=act_order)
-    w_hat, _ = coordinate_descent(
-        w.to(dtype), sigma, spec, *grid, start,
-        iters=iters, tol=tol, damp=damp, block_size=block_size,
-    )
-    return QuantResult(quantize(w_hat, *grid, spec), *grid)
+    problem = problem.to(w.device, torch.float64)
+    grid = fit(w, opts.spec, mse=opts.mse_grid)
+    cd = CoordinateDescent(w, problem.regularized(opts.shrink, opts.cd_damp), opts.spec, grid)
+    v, _ = coordinate_descent(cd, initial_point(w, problem, opts, grid), iters=opts.iters)
+    return QuantResult(quantize(v.float(), *grid, opts.spec), *grid)

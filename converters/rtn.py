@@ -2,14 +2,15 @@
 
 Outliers are taken out *before* the grid is fitted, so they do not stretch the
 range of the remaining weights; the dense part holds exactly 0 there (the grid
-contains 0) and the outlier keeps the original value.
+contains 0) and the outlier keeps the original value, rounded to float16.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qe_vllm.converters.grid import GridSpec, fit_grid, fit_grid_mse, quantize
+from qe_vllm.converters.grid import fit, quantize
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 
 
@@ -23,23 +24,16 @@ def largest_magnitude_mask(w: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
-def rtn(
-    w: torch.Tensor,
-    spec: GridSpec,
-    outlier_fraction: float = 0.0,
-    outlier_dtype: torch.dtype = torch.float16,
-    mse_grid: bool = False,
-) -> QuantResult:
+def rtn(w: torch.Tensor, opts: ConvertOptions) -> QuantResult:
     """Quantize ``w`` ``[out, in]`` by rounding to nearest, keeping the largest weights as outliers.
 
-    ``mse_grid`` shrinks each group's range to minimise the rounding error
-    (:func:`fit_grid_mse`) instead of covering min/max.
+    ``opts.mse_grid`` shrinks each group's range to minimise the rounding error
+    instead of covering min/max.
     """
     w = w.float()
-    mask = largest_magnitude_mask(w, outlier_fraction)
-    fit = fit_grid_mse if mse_grid else fit_grid
-    scales, zeros = fit(w, spec, exclude=mask if mask.any() else None)
-    codes = quantize(w.masked_fill(mask, 0.0), scales, zeros, spec)
-    stored = w.to(outlier_dtype).float()  # the value the checkpoint will hold
+    mask = largest_magnitude_mask(w, opts.outlier_fraction)
+    scales, zeros = fit(w, opts.spec, mask if mask.any() else None, mse=opts.mse_grid)
+    codes = quantize(w.masked_fill(mask, 0.0), scales, zeros, opts.spec)
+    stored = w.half().float()  # the value the checkpoint will hold
     outliers = torch.where(mask, stored, torch.zeros_like(w)) if mask.any() else None
     return QuantResult(codes=codes, scales=scales, zeros=zeros, outliers=outliers)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
 
-from qe_vllm.converters.pipeline import METHODS, ConvertOptions, ConvertReport, convert
+from qe_vllm.converters.options import ConvertOptions, flag
+from qe_vllm.converters.pipeline import ConvertReport, convert
 from qe_vllm.format import ROW_PTR, QuantEaseConfig, expected_tensors, linear_nbytes
 
 EPILOG = """\
@@ -31,9 +32,6 @@ interrupted run leaves a hidden .NAME.partial directory next to it, which
 --resume continues and --overwrite discards.
 """
 
-DEFAULTS = {f.name: f.default for f in fields(ConvertOptions)}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qe-convert",
@@ -44,128 +42,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a(
-        "--model",
-        required=True,
-        help="local model directory, or a hub id already in the Hugging Face cache",
-    )
+    a("--model", required=True, help="local model directory, or a hub id already in the Hugging Face cache")
     a(
         "--output",
         required=True,
         type=Path,
         help="directory to create (refused if it exists, unless --overwrite)",
     )
-    a(
-        "--bits",
-        type=int,
-        choices=(2, 3, 4, 8),
-        default=DEFAULTS["bits"],
-        help="bits per weight code (default %(default)s)",
-    )
-    a(
-        "--group-size",
-        type=int,
-        default=DEFAULTS["group_size"],
-        help="input columns sharing one scale/zero: a power of two >= 8, or -1 for one group per row (default %(default)s)",
-    )
-    a(
-        "--sym",
-        action="store_true",
-        help="symmetric grid (no stored zero points); default asymmetric",
-    )
-    a(
-        "--method",
-        choices=METHODS,
-        default=DEFAULTS["method"],
-        help="rtn: round to nearest, no data; gptq; quantease: coordinate descent (default %(default)s)",
-    )
-    a(
-        "--outlier-fraction",
-        type=float,
-        default=DEFAULTS["outlier_fraction"],
-        help="fraction of each layer's weights kept as float16 outliers, e.g. 0.01 (default %(default)s)",
-    )
-    a(
-        "--outlier-structure",
-        choices=("unstructured", "columns"),
-        default=DEFAULTS["outlier_structure"],
-        help="outliers anywhere, or whole input columns (default %(default)s)",
-    )
-    a("--iters", type=int, default=DEFAULTS["iters"], help="QuantEase sweeps (default %(default)s)")
-    a(
-        "--damp",
-        type=float,
-        default=DEFAULTS["damp"],
-        help="GPTQ dampening (also QuantEase's GPTQ start), relative to mean diag(Σ) "
-        "(default %(default)s)",
-    )
-    a(
-        "--cd-damp",
-        type=float,
-        default=DEFAULTS["cd_damp"],
-        help="dampening of the QuantEase sweeps, relative to mean diag(Σ): 0 fits the "
-        "calibration data exactly; e.g. 0.3 trades a little calibration error for less "
-        "on unseen text (default %(default)s)",
-    )
-    a(
-        "--init",
-        choices=("w", "rtn", "gptq"),
-        default=DEFAULTS["init"],
-        help="QuantEase start point (default %(default)s)",
-    )
-    a(
-        "--act-order",
-        action="store_true",
-        help="GPTQ (and QuantEase's GPTQ start) quantizes columns by decreasing activation "
-        "energy diag(Σ), the grid still fitted per group in storage order",
-    )
-    a(
-        "--mse",
-        dest="mse_grid",
-        action="store_true",
-        help="shrink each group's min/max range to minimise the rounding error of its weights "
-        "(GPTQ's 'mse' grid search) instead of covering the extremes",
-    )
-    a(
-        "--calib-data",
-        help="calibration text: .txt/.json/.jsonl/.parquet file, a directory of .txt files, "
-        "or a datasets name NAME[:CONFIG][@SPLIT]; required unless --method rtn",
-    )
-    a(
-        "--nsamples",
-        type=int,
-        default=DEFAULTS["nsamples"],
-        help="calibration windows (default %(default)s)",
-    )
-    a(
-        "--seqlen",
-        type=int,
-        default=DEFAULTS["seqlen"],
-        help="tokens per calibration window (default %(default)s)",
-    )
+    for f in fields(ConvertOptions):
+        _add_option(p, f)
     a(
         "--device",
         choices=("cpu", "cuda", "auto"),
         default="auto",
         help="where blocks are solved (default %(default)s)",
     )
-    a(
-        "--seed",
-        type=int,
-        default=DEFAULTS["seed"],
-        help="seed of the calibration windows and solvers (default %(default)s)",
-    )
-    a(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted conversion into the same --output",
-    )
+    a("--resume", action="store_true", help="continue an interrupted conversion into the same --output")
     a(
         "--overwrite",
         action="store_true",
         help="replace an existing --output (and discard an interrupted run)",
     )
     return p
+
+
+def _add_option(p: argparse.ArgumentParser, f: Field) -> None:
+    """One ``--flag`` per ConvertOptions field: its type, default, choices and help from the field."""
+    meta = f.metadata
+    kind = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
+    if kind is bool:
+        p.add_argument(
+            flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+            help=f"{meta['help']} (default: %(default)s)",
+        )
+        return
+    p.add_argument(
+        flag(f.name), dest=f.name, type=kind, choices=meta["choices"], default=f.default,
+        help=f"{meta['help']} (default: %(default)s)",
+    )
 
 
 def _mb(nbytes: int) -> str:
@@ -224,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own progress and one-line errors
-    opts = ConvertOptions(**{k: getattr(args, k) for k in DEFAULTS})
+    opts = ConvertOptions(**{f.name: getattr(args, f.name) for f in fields(ConvertOptions)})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -1,0 +1,132 @@
+"""Calibration statistics: Σ = Σ x xᵀ of each linear's input, and the error-propagation cross terms.
+
+One accumulator (:class:`InputStatistics`) and one way to read a linear's
+input (:func:`linear_inputs`: forward pre-hooks), shared by the pipeline, the
+tests and the benchmarks.
+
+Per-sample products are formed in float32 and summed in float64: ~10⁵–10⁶
+tokens with activation outliers of 10²–10³ give sums of 10⁹–10¹⁰, where
+float32 sums lose the small eigenvalues the solvers divide by.
+
+With error propagation each token's input is read twice, from the block as
+quantized so far (``x_q``) and from the full-precision block fed the
+full-precision model's activations (``x_fp``), and the pairs give
+``Σ x_fp x_qᵀ`` and ``Σ x_fp x_fpᵀ`` (``converters/objective.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from qe_vllm.converters.objective import LayerStats
+
+
+class InputStatistics:
+    """Running sums for one linear input; ``paired`` also keeps the full-precision cross terms."""
+
+    def __init__(self, features: int, device: torch.device, paired: bool = False) -> None:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(features, features, dtype=torch.float64, device=device)
+
+        self.sigma = zeros()
+        self.cross = zeros() if paired else None
+        self.sigma_fp = zeros() if paired else None
+
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` ``[tokens, features]`` (and the same tokens' full-precision inputs)."""
+        x = x.float()
+        self.sigma += (x.T @ x).double()
+        if self.cross is not None:
+            x_fp = x_fp.float()
+            self.cross += (x_fp.T @ x).double()
+            self.sigma_fp += (x_fp.T @ x_fp).double()
+
+    def result(self, where: str) -> LayerStats:
+        """The statistics, refused if they hold NaN or Inf (naming ``where``)."""
+        for t in (self.sigma, self.cross, self.sigma_fp):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the calibration activations entering {where} hold NaN or Inf (the model "
+                    "overflows float32 on this text); check the model's weights (norm scales, "
+                    "embeddings) or calibrate with other --calib-data"
+                )
+        return LayerStats(self.sigma, self.cross, self.sigma_fp)
+
+
+class _Captured(Exception):
+    """Every requested input is in: the rest of the forward pass is not needed."""
+
+
+@contextmanager
+def recording(
+    root: torch.nn.Module, names: Sequence[str], *, stop: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of each submodule ``names`` of ``root`` as ``[tokens, features]``.
+
+    The dict is overwritten by every forward pass. With ``stop``, the pass is
+    cut short (:class:`_Captured`, caught by :func:`linear_inputs`) as soon as
+    every input is in.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[name] = args[0].reshape(-1, args[0].shape[-1])
+            if stop and len(seen) == len(names):
+                raise _Captured
+
+        return record
+
+    handles = [root.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def linear_inputs(
+    block: torch.nn.Module, names: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The inputs of ``names`` when ``block`` runs on ``x``, stopping once all are read."""
+    with recording(block, names, stop=True) as seen:
+        try:
+            block(x, **kwargs)
+        except _Captured:
+            pass
+        missing = [n for n in names if n not in seen]
+        if missing:
+            raise RuntimeError(f"the block never called {missing}")
+        return dict(seen)
+
+
+def block_statistics(
+    block: torch.nn.Module,
+    names: Sequence[str],
+    acts: torch.Tensor,
+    kwargs: dict[str, Any],
+    device: torch.device,
+    *,
+    fp_block: torch.nn.Module | None = None,
+    fp_acts: torch.Tensor | None = None,
+    label: str = "block",
+) -> dict[str, LayerStats]:
+    """Statistics of the inputs of ``names`` over every sample ``acts[j]`` fed to ``block``.
+
+    With ``fp_block`` (the block in full precision) and ``fp_acts`` (the
+    full-precision model's activations of the same samples), the cross terms too.
+    """
+    stats = {
+        n: InputStatistics(block.get_submodule(n).in_features, device, fp_block is not None)
+        for n in names
+    }
+    for j in range(acts.shape[0]):
+        xq = linear_inputs(block, names, acts[j : j + 1].to(device), kwargs)
+        xf = None if fp_block is None else linear_inputs(fp_block, names, fp_acts[j : j + 1].to(device), kwargs)
+        for n in names:
+            stats[n].add(xq[n], None if xf is None else xf[n])
+    return {n: s.result(f"{label}.{n}") for n, s in stats.items()}
