@@ -19,24 +19,40 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from qe_vllm.converters.calibration import load_text, random_windows, tokenize
-from qe_vllm.converters.grid import GridSpec
-from qe_vllm.converters.objective import layer_error
-from qe_vllm.converters.quantease import quantease
+from qe_vllm.converters.grid import fit, quantize
+from qe_vllm.converters.objective import Quadratic, layer_error
+from qe_vllm.converters.options import ConvertOptions
+from qe_vllm.converters.quantease import CoordinateDescent, coordinate_descent, initial_point
+from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = ("model.layers.5.self_attn.q_proj", "model.layers.5.mlp.down_proj", "model.layers.20.mlp.down_proj")
+
+
+def quantease_all_sweeps(w: torch.Tensor, sigma: torch.Tensor, opts: ConvertOptions) -> QuantResult:
+    """``quantease`` without its early stop (``tol=0``): all ``opts.iters`` sweeps while ``f`` falls."""
+    w = w.float()
+    problem = Quadratic.of(sigma, opts.propagation).to(w.device, torch.float64)
+    grid = fit(w, opts.spec, mse=opts.mse_grid)
+    cd = CoordinateDescent(w, problem.regularized(opts.shrink, opts.cd_damp), opts.spec, grid)
+    v, _ = coordinate_descent(cd, initial_point(w, problem, opts, grid), iters=opts.iters, tol=0.0)
+    return QuantResult(quantize(v.float(), *grid, opts.spec), *grid)
+
+
+# each solver gets the textbook QuantEase options of the run (``main``) and changes what it names
 SOLVERS = {
-    "gptq": lambda w, s, spec: solve("gptq", w, s, spec),
-    "quantease 5 sweeps": lambda w, s, spec: solve("quantease", w, s, spec, iters=5),
-    "quantease 5 sweeps, damp 0.01": lambda w, s, spec: quantease(w, s, spec, iters=5, damp=0.01),
-    "quantease 20 sweeps": lambda w, s, spec: quantease(w, s, spec, iters=20, tol=0.0),
+    "gptq": lambda w, s, o: solve(w, s, replace(o, method="gptq")),
+    "quantease 5 sweeps": lambda w, s, o: solve(w, s, replace(o, iters=5)),
+    "quantease 5 sweeps, damp 0.01": lambda w, s, o: solve(w, s, replace(o, iters=5, cd_damp=0.01)),
+    "quantease 20 sweeps": lambda w, s, o: quantease_all_sweeps(w, s, replace(o, iters=20)),
 }
 
 
@@ -89,14 +105,17 @@ def main() -> None:
     for name, text in sources(a.data).items():
         n = a.test_windows if name == "wiki-test" else a.nsamples
         sigma[name] = input_sigmas(model, random_windows(tokenize(tok, text), n, a.seqlen, 0, name), LAYERS)
-    spec = GridSpec(bits=a.bits, group_size=a.group_size)
+    opts = ConvertOptions(
+        method="quantease", bits=a.bits, group_size=a.group_size, true_sequential=False,
+        propagation=0.0, shrink=0.0, cd_damp=0.0,
+    )
     rows = []
     for layer in LAYERS:
         w = model.get_submodule(layer).weight.detach().float()
         for calib in ("austen", "wiki-valid"):
             for solver, fn in SOLVERS.items():
                 t0 = time.perf_counter()
-                w_hat = fn(w, sigma[calib][layer], spec).weight(a.group_size)
+                w_hat = fn(w, sigma[calib][layer], opts).weight(a.group_size)
                 errors = {src: layer_error(w, w_hat, s[layer]) for src, s in sigma.items()}
                 rows.append({"layer": layer, "calibration": calib, "solver": solver,
                              "seconds": round(time.perf_counter() - t0, 2), "error": errors})

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from qe_vllm.converters.gptq import gptq
-from qe_vllm.converters.grid import GridSpec, dequantize, fit_grid
-from qe_vllm.converters.objective import exact_matmul
+from qe_vllm.converters.grid import dequantize, fit_grid
+from qe_vllm.converters.objective import Quadratic, exact_matmul
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.quantease import CoordinateDescent
 
 SHAPES = [(576, 1536), (1536, 576)]  # [out, in]: SmolLM2-135M down_proj-like and up/gate-like
@@ -56,23 +57,32 @@ def seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
     return min(times[1:])
 
 
+def textbook_gptq(bits: int) -> ConvertOptions:
+    """Plain GPTQ options: per-channel grid, layer-wise target, default damping."""
+    return ConvertOptions(
+        method="gptq", bits=bits, group_size=-1, true_sequential=False, propagation=0.0,
+        shrink=0.0, cd_damp=0.0,
+    )
+
+
 @exact_matmul()
 def measure(
-    out_f: int, in_f: int, spec: GridSpec, repeats: int, device: str
+    out_f: int, in_f: int, opts: ConvertOptions, repeats: int, device: str
 ) -> dict[str, float | int]:
     w, sigma = random_layer(out_f, in_f, device)
+    spec = opts.spec
     grid = fit_grid(w, spec)
-    start = gptq(w, sigma, spec, grid=grid)
+    start = gptq(w, sigma, opts, grid=grid)
     w_hat = dequantize(start.codes, start.scales, start.zeros, spec.group_size)
-    cd = CoordinateDescent(sigma, spec, *grid)
+    cd = CoordinateDescent(w, Quadratic.of(sigma), spec, grid)
 
     def sweep() -> torch.Tensor:
-        g, _ = cd.gradient(w, w_hat)
-        return cd.sweep(w, w_hat, g)
+        g, _ = cd.gradient(w_hat)
+        return cd.sweep(w_hat, g)
 
-    t_gptq = seconds(lambda: gptq(w, sigma, spec, grid=grid), repeats, device)
+    t_gptq = seconds(lambda: gptq(w, sigma, opts, grid=grid), repeats, device)
     t_sweep = seconds(sweep, repeats, device)
-    t_setup = seconds(lambda: CoordinateDescent(sigma, spec, *grid), repeats, device)
+    t_setup = seconds(lambda: CoordinateDescent(w, Quadratic.of(sigma), spec, grid), repeats, device)
     return {
         "threads": torch.get_num_threads(),
         "out_features": out_f,
@@ -91,11 +101,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     args = ap.parse_args()
-    spec = GridSpec(args.bits)
+    opts = textbook_gptq(args.bits)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        rows += [measure(o, i, spec, args.repeats, args.device) for o, i in SHAPES]
+        rows += [measure(o, i, opts, args.repeats, args.device) for o, i in SHAPES]
 
     header = ("threads", "layer [out x in]", "GPTQ pass", "QE sweep", "QE setup", "sweep/GPTQ")
     print("{:>7} {:>18} {:>10} {:>10} {:>10} {:>11}".format(*header))
@@ -113,7 +123,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_average_1min_at_end": os.getloadavg()[0],
         "bits": args.bits,
-        "group_size": spec.group_size,
+        "group_size": opts.group_size,
         "block_size": 128,
         "repeats": args.repeats,
     }

@@ -17,7 +17,6 @@ from qe_vllm.converters.checkpoint import (
     staged_output,
     write_model_dir,
 )
-from qe_vllm.converters.grid import GridSpec
 from qe_vllm.converters.hf_loading import load_model
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 from qe_vllm.converters.rtn import rtn
@@ -48,14 +47,14 @@ def tiny_w4_dense(tiny_w4, tmp_path_factory):
 def test_round_trip_matches_solver_output(tiny_llama, tiny_w4):
     qcfg, layers = load_quantized_state(tiny_w4)
     assert qcfg.bits == 4 and qcfg.group_size == 64 and not qcfg.sym
-    assert qcfg.provenance["method"] == "rtn" and qcfg.provenance["calibration"] is None
+    assert qcfg.provenance["method"] == "rtn" and qcfg.provenance["options"]["calib_data"] is None
     names = [f"model.layers.{i}.{p}" for i in range(2) for p in TABLE["LlamaForCausalLM"].linears]
     assert sorted(layers) == sorted(names)
     original = read_tensors(tiny_llama)
     for (
         name
     ) in names:  # what is on disk is exactly what the solver produced for the original weight
-        expected = rtn(original[f"{name}.weight"].float(), GridSpec(4, 64), 0.015).to_tensors(qcfg)
+        expected = rtn(original[f"{name}.weight"].float(), RTN_W4).to_tensors(qcfg)
         assert set(layers[name]) == set(expected)
         for k, v in expected.items():
             assert torch.equal(layers[name][k], v), (name, k)

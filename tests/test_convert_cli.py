@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import checkpoint
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
-from qe_vllm.converters.grid import GridSpec
-from qe_vllm.converters.pipeline import ConvertOptions, solve_linear
+from qe_vllm.converters.gptq import gptq
+from qe_vllm.converters.grid import GridSpec, fit_grid_mse
+from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.solvers import solve
 
 RTN_ARGS = (
@@ -121,6 +123,8 @@ def _nan(tensors):
         ("bad group", ["--group-size", "100"], "group_size=100"),
         ("no calib data", ["--method", "gptq"], "needs calibration text"),
         ("negative damping", ["--cd-damp", "-0.1"], "dampening cannot be negative"),
+        ("shrink out of range", ["--shrink", "1.0"], "--shrink 1.0 must be in [0, 1)"),
+        ("propagation out of range", ["--propagation", "2"], "--propagation 2.0 must be in [0, 1]"),
         ("act-order with rtn", ["--act-order"], "--act-order orders the columns of a GPTQ pass"),
         (
             "act-order without gptq start",
@@ -172,15 +176,34 @@ def test_act_order_and_mse_grid_reach_the_solver_and_the_provenance(tiny_llama, 
     assert cli.main(["--model", str(tiny_llama), "--output", str(out), *args,
                      "--act-order", "--mse"]) == 0
     qcfg, _ = load_quantized_state(out)
-    assert qcfg.provenance["solver"]["act_order"] is True and qcfg.provenance["mse_grid"] is True
+    options = qcfg.provenance["options"]
+    assert options["act_order"] is True and options["mse_grid"] is True
+    assert set(options) == {f.name for f in fields(ConvertOptions)}  # every option is recorded
 
     opts = ConvertOptions(method="gptq", bits=3, group_size=32, act_order=True, mse_grid=True)
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(24, 64, generator=g), torch.randn(64, 256, generator=g)
     x[::7] *= 10  # uneven activation energy: act-order picks another column order
     sigma = x @ x.T
-    spec = GridSpec(3, 32)
-    got = solve_linear(opts, w, sigma)
-    want = solve("gptq", w, sigma, spec, act_order=True, mse_grid=True)
+    got = solve(w, sigma, opts)
+    want = gptq(w, sigma, opts, grid=fit_grid_mse(w, GridSpec(3, 32)))
     assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
-    assert not torch.equal(got.codes, solve("gptq", w, sigma, spec).codes)
+    assert not torch.equal(got.codes, solve(w, sigma, replace(opts, act_order=False, mse_grid=False)).codes)
+
+
+def test_quantease_is_the_default_method(tiny_llama, data_dir, tmp_path, capsys):
+    """No --method: QuantEase runs, and without --calib-data it says what it needs."""
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(tiny_llama), "--output", str(out)]) == 2
+    assert "method quantease needs calibration text" in capsys.readouterr().err
+    args = ["--model", str(tiny_llama), "--output", str(out), "--device", "cpu", "--nsamples", "2",
+            "--seqlen", "64", "--calib-data", str(data_dir / "austen" / "northangerabbey.txt")]
+    assert cli.main(args) == 0
+    qcfg, _ = load_quantized_state(out)
+    assert qcfg.provenance["method"] == "quantease"
+    assert qcfg.provenance["options"] == {
+        **{f.name: f.default for f in fields(ConvertOptions)},
+        "calib_data": str((data_dir / "austen" / "northangerabbey.txt").resolve()),
+        "nsamples": 2,
+        "seqlen": 64,
+    }

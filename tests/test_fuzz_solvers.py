@@ -17,9 +17,10 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given, settings
 
-from qe_vllm.converters.grid import GridSpec
+from qe_vllm.converters.options import METHODS, ConvertOptions
 from qe_vllm.converters.outliers import outlier_budget
-from qe_vllm.converters.solvers import METHODS, solve
+from qe_vllm.converters.solvers import solve
+from qe_vllm.converters.objective import LayerStats
 from qe_vllm.format import QuantEaseConfig, dense_weight, sym_zero, validate_linear
 
 
@@ -43,25 +44,33 @@ def problems(draw: st.DrawFn) -> dict:
     return {
         "method": method,
         "w": w,
-        "sigma": (x @ x.T).double() if method != "rtn" else None,
-        "spec": GridSpec(
-            draw(st.sampled_from([2, 3, 4, 8])), draw(st.sampled_from([-1, 8, 16])), draw(st.booleans())
-        ),
+        "x": x,
+        "bits": draw(st.sampled_from([2, 3, 4, 8])),
+        "group_size": draw(st.sampled_from([-1, 8, 16])),
+        "sym": draw(st.booleans()),
         "outlier_fraction": draw(st.sampled_from([0.0, 0.02, 0.1, 0.25])),
         "outlier_structure": structure,
         "iters": draw(st.integers(1, 3)),
         "init": draw(st.sampled_from(["w", "rtn", "gptq"])),
+        "propagation": draw(st.sampled_from([0.0, 1.0])),
+        "shrink": draw(st.sampled_from([0.0, 0.2])),
+        "drift": draw(st.sampled_from([0.0, 0.5])),
     }
 
 
 @settings(max_examples=80, deadline=None)
 @given(problems())
 def test_solver_output_is_in_range_within_budget_and_valid(p: dict) -> None:
-    spec, w = p["spec"], p["w"]
-    res = solve(
-        p["method"], w, p["sigma"], spec, outlier_fraction=p["outlier_fraction"],
-        outlier_structure=p["outlier_structure"], iters=p["iters"], init=p["init"], seed=0,
+    w, x = p["w"], p["x"]
+    x_fp = x + p["drift"] * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    stats = LayerStats(*(t.double() for t in (x @ x.T, x_fp @ x.T, x_fp @ x_fp.T)))
+    opts = ConvertOptions(
+        method=p["method"], bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
+        outlier_fraction=p["outlier_fraction"], outlier_structure=p["outlier_structure"],
+        iters=p["iters"], init=p["init"], propagation=p["propagation"], shrink=p["shrink"],
     )
+    spec = opts.spec
+    res = solve(w, None if p["method"] == "rtn" else stats, opts)
     out_f, in_f = w.shape
     assert res.codes.shape == (out_f, in_f)
     assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= spec.maxq
@@ -76,7 +85,7 @@ def test_solver_output_is_in_range_within_budget_and_valid(p: dict) -> None:
         used = int(kept.any(dim=0).sum()) if p["outlier_structure"] == "columns" else int(kept.sum())
         assert used <= budget
     else:
-        assert budget == 0 or p["method"] == "quantease"  # plain QuantEase has no outliers
+        assert budget == 0
     effective = res.weight(spec.group_size)
     assert bool(torch.isfinite(effective).all())
 

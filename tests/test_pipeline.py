@@ -27,6 +27,7 @@ def gptq_opts(data_dir) -> ConvertOptions:
         nsamples=4,
         seqlen=128,
         seed=3,
+        true_sequential=False,
     )
 
 
@@ -39,7 +40,7 @@ def gptq_cut(smollm2_2blocks, gptq_opts, tmp_path_factory):
 def test_gptq_on_real_weights(gptq_cut):
     qcfg, layers = load_quantized_state(gptq_cut.output)
     prov = qcfg.provenance
-    assert prov["method"] == "gptq" and prov["calibration"]["nsamples"] == 4 and prov["seed"] == 3
+    assert prov["method"] == "gptq" and prov["options"]["nsamples"] == 4 and prov["options"]["seed"] == 3
     errors = prov["relative_error"]
     assert set(errors) == set(layers) and len(layers) == 14
     assert all(0 < e < 0.05 for e in errors.values()), errors  # 4-bit g128 on real weights: small
@@ -62,9 +63,9 @@ def test_quantease_not_worse_than_its_gptq_start(smollm2_2blocks, gptq_opts, gpt
     cpu = torch.device("cpu")
     arch = TABLE["LlamaForCausalLM"]
     with torch.no_grad(), pipeline.exact_matmul():
-        acts, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
         _, e_q = pipeline.quantize_block(
-            net.model.layers[0], arch, opts, cpu, acts, kwargs, "model.layers.0"
+            net.model.layers[0], arch, opts, cpu, {"hidden": hidden}, kwargs, "model.layers.0"
         )
     e_g = gptq_cut.qcfg.provenance["relative_error"]
     assert len(e_q) == 7
@@ -106,6 +107,72 @@ def test_resume_is_byte_identical(smollm2_2blocks, gptq_opts, gptq_cut, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     for f in reference.iterdir():
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_calibrates_on_the_quantized_predecessors(smollm2_2blocks, gptq_opts, true_sequential):
+    """o_proj's input depends only on q/k/v: true-sequential, its logged error must be the one on
+    the Σ of the block with q/k/v quantized; otherwise the one on the original block's Σ."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qe_vllm.converters.objective import layer_error
+    from qe_vllm.converters.statistics import block_statistics
+
+    opts = replace(gptq_opts, true_sequential=true_sequential)
+    net = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32)
+    windows = calibration_windows(
+        AutoTokenizer.from_pretrained(smollm2_2blocks), opts.calib_data, 4, 128, 3
+    )
+    cpu = torch.device("cpu")
+    arch = TABLE["LlamaForCausalLM"]
+    block = net.model.layers[0]
+    with torch.no_grad(), pipeline.exact_matmul():
+        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        original = block_statistics(block, ["self_attn.o_proj"], hidden, kwargs, cpu)
+        results, errors = pipeline.quantize_block(
+            block, arch, opts, cpu, {"hidden": hidden.clone()}, kwargs, "model.layers.0"
+        )
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            lin = block.get_submodule(name)
+            lin.weight.data = results[name].weight(opts.group_size)
+        quantized = block_statistics(block, ["self_attn.o_proj"], hidden, kwargs, cpu)
+    w = block.self_attn.o_proj.weight
+    w_hat = results["self_attn.o_proj"].weight(opts.group_size)
+    seen = quantized if true_sequential else original
+    other = original if true_sequential else quantized
+    e = errors["self_attn.o_proj"]
+    assert e == pytest.approx(layer_error(w, w_hat, seen["self_attn.o_proj"].sigma), rel=1e-9)
+    assert e != pytest.approx(layer_error(w, w_hat, other["self_attn.o_proj"].sigma), rel=1e-3)
+
+
+def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opts):
+    """With propagation the pipeline keeps the full-precision stream: at block 1 its cross
+    term pairs the unquantized model's activations with the quantized one's (they differ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qe_vllm.converters.statistics import block_statistics
+
+    opts = replace(gptq_opts, method="quantease", propagation=1.0, iters=1)
+    net = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32)
+    windows = calibration_windows(
+        AutoTokenizer.from_pretrained(smollm2_2blocks), opts.calib_data, 4, 128, 3
+    )
+    cpu = torch.device("cpu")
+    arch = TABLE["LlamaForCausalLM"]
+    with torch.no_grad(), pipeline.exact_matmul():
+        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        acts = {"hidden": hidden.clone(), "hidden_fp": hidden.clone()}
+        pipeline.quantize_block(net.model.layers[0], arch, opts, cpu, acts, kwargs, "model.layers.0")
+        reference = hidden.clone()
+        pipeline.run_block(net.model.layers[0], reference, kwargs, into=reference)  # untouched weights
+        assert torch.equal(acts["hidden_fp"], reference)
+        assert not torch.allclose(acts["hidden"], reference, atol=1e-3)
+        block = net.model.layers[1]
+        st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], kwargs, cpu,
+                              fp_block=block, fp_acts=acts["hidden_fp"])["mlp.down_proj"]
+        fp_only = block_statistics(block, ["mlp.down_proj"], acts["hidden_fp"], kwargs, cpu)
+    assert torch.allclose(st.sigma_fp, fp_only["mlp.down_proj"].sigma, rtol=1e-6)
+    assert not torch.allclose(st.cross, st.sigma, rtol=1e-2)
 
 
 @pytest.mark.parametrize("method", ["gptq", "quantease"])

@@ -29,7 +29,7 @@ from qe_vllm.converters import pipeline
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
-BASE = ("--bits", "4", "--group-size", "64", "--device", "cpu")
+BASE = ("--method", "rtn", "--bits", "4", "--group-size", "64", "--device", "cpu")
 CALIB = ("--calib-data", "CALIB", "--nsamples", "4", "--seqlen", "64")
 
 
@@ -80,7 +80,7 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, tuple[str, ...], str]] = {
         "--group-size 1024 is wider than model.layers.0.mlp.gate_proj, which has 256 input features",
     ),
     "group-not-power-of-two": (None, ("--group-size", "4"), "group_size=4 must be -1"),
-    "outlier-fraction-range": (None, ("--outlier-fraction", "1.5"), "outlier_fraction=1.5 must be in [0, 1)"),
+    "outlier-fraction-range": (None, ("--outlier-fraction", "1.5"), "--outlier-fraction 1.5 must be in [0, 1)"),
     "seqlen-past-positions": (
         None, ("--method", "gptq", *CALIB[:2], "--seqlen", "1024"),
         "--seqlen 1024 exceeds the model's max_position_embeddings=512",
@@ -134,7 +134,7 @@ def test_bad_input_is_one_line_exit_2(
 
 def test_unsupported_bits_through_the_api(tiny_llama: Path, tmp_path: Path) -> None:
     """The parser refuses --bits 5 (tests/test_convert_cli.py); the Python API refuses it too."""
-    with pytest.raises(ValueError, match=r"bits=5 is not supported; choose one of \[2, 3, 4, 8\]"):
+    with pytest.raises(ValueError, match=r"--bits 5 is not supported; choose one of \[2, 3, 4, 8\]"):
         convert(str(tiny_llama), tmp_path / "out", ConvertOptions(bits=5), device="cpu")
     assert list(tmp_path.iterdir()) == []
 
@@ -168,15 +168,15 @@ def test_unstorable_solution_stops_the_run(
     tiny_llama: Path, calib_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """A solver that blows up (NaN) is caught before its weights reach the block or the disk."""
-    real = pipeline.solve_linear
+    real = pipeline.solve
 
-    def blown_up(opts: ConvertOptions, w: torch.Tensor, sigma: torch.Tensor | None):
-        res = real(opts, w, sigma)
+    def blown_up(w: torch.Tensor, stats, opts: ConvertOptions):
+        res = real(w, stats, opts)
         if w.shape == (128, 256):  # k_proj / v_proj
             res.outliers = torch.full_like(w, float("nan"))
         return res
 
-    monkeypatch.setattr(pipeline, "solve_linear", blown_up)
+    monkeypatch.setattr(pipeline, "solve", blown_up)
     out = tmp_path / "out"
     args = ["--model", str(tiny_llama), "--output", str(out), "--method", "gptq", *BASE,
             "--calib-data", str(calib_text), "--nsamples", "4", "--seqlen", "64"]
