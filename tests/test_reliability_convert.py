@@ -29,7 +29,7 @@ from qe_vllm.converters import pipeline
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
-BASE = ("--method", "rtn", "--bits", "4", "--group-size", "64", "--device", "cpu")
+BASE = ("--bits", "4", "--group-size", "64", "--device", "cpu")
 CALIB = ("--calib-data", "CALIB", "--nsamples", "4", "--seqlen", "64")
 
 
@@ -125,7 +125,8 @@ def test_bad_input_is_one_line_exit_2(
     (tmp_path / "emptydir").mkdir()
     subs = {"CALIB": str(calib_text), "EMPTYDIR": str(tmp_path / "emptydir")}
     out = tmp_path / "out"
-    args = ["--model", str(model), "--output", str(out), *BASE, *(subs.get(a, a) for a in extra)]
+    args = ["--model", str(model), "--output", str(out), "--method", "rtn", *BASE,
+            *(subs.get(a, a) for a in extra)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qe-convert: error: ") and expected in err[0], err
