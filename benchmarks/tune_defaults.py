@@ -37,30 +37,28 @@ DATA = Path(os.environ.get("QE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
 TEXTBOOK = {"true_sequential": False, "propagation": 0.0, "shrink": 0.0, "cd_damp": 0.0}
-CONFIGS: dict[str, dict[str, Any]] = {
-    "gptq": {"method": "gptq", **TEXTBOOK},
-    "qe": {"method": "quantease", **TEXTBOOK},
-    "qe-ts": {"method": "quantease", **TEXTBOOK, "true_sequential": True},
-    "qe-ts-p1": {"method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0},
-    "qe-ts-p05": {"method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 0.5},
-    "qe-ts-p1-s01": {
-        "method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0, "shrink": 0.1,
-    },
-    "qe-ts-p1-s03": {
-        "method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0, "shrink": 0.3,
-    },
-    "qe-ts-p1-cd03": {
-        "method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0, "cd_damp": 0.3,
-    },
-    "qe-ts-p1-ao": {
-        "method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0, "act_order": True,
-    },
-    "qe-ts-p1-mse": {
-        "method": "quantease", **TEXTBOOK, "true_sequential": True, "propagation": 1.0, "mse_grid": True,
-    },
-    "gptq-ts-p1": {"method": "gptq", **TEXTBOOK, "true_sequential": True, "propagation": 1.0},
-    "default": {},
-}
+TOKENS = {"ts": ("true_sequential", True), "ao": ("act_order", True), "mse": ("mse_grid", True)}
+PREFIXES = {"p": "propagation", "s": "shrink", "cd": "cd_damp"}
+
+
+def parse_config(name: str) -> dict[str, Any]:
+    """``default``, or ``{gptq,qe}[-ts][-pA][-sS][-cdC][-ao][-mse]`` over textbook settings.
+
+    Numbers are written without the decimal point: ``p05`` = 0.5, ``s01`` = 0.1, ``p1`` = 1.
+    """
+    if name == "default":
+        return {}
+    method, *rest = name.split("-")
+    config = {"method": {"qe": "quantease", "gptq": "gptq"}[method], **TEXTBOOK}
+    for token in rest:
+        if token in TOKENS:
+            field, value = TOKENS[token]
+        else:
+            prefix = "cd" if token.startswith("cd") else token[0]
+            digits = token[len(prefix):]
+            field, value = PREFIXES[prefix], float(digits[0] + "." + digits[1:]) if len(digits) > 1 else float(digits)
+        config[field] = value
+    return config
 
 
 def splits(scratch: Path) -> dict[str, Path]:
@@ -98,7 +96,7 @@ def run_one(name: str, calib: str, seed: int, args: argparse.Namespace) -> dict[
             "bits": args.bits,
             "group_size": args.group_size,
             "outlier_fraction": args.outlier_fraction,
-            **CONFIGS[name],
+            **parse_config(name),
             "calib_data": str(texts[calib]),
             "nsamples": args.nsamples,
             "seqlen": args.seqlen,
@@ -115,7 +113,7 @@ def run_one(name: str, calib: str, seed: int, args: argparse.Namespace) -> dict[
         ppl[key.removeprefix("val:")] = ev["ppl"]
     shutil.rmtree(out)
     return {
-        "config": name, "calib": calib, "seed": seed, "options": CONFIGS[name],
+        "config": name, "calib": calib, "seed": seed, "options": parse_config(name),
         "bits": args.bits, "group_size": args.group_size, "outlier_fraction": args.outlier_fraction,
         "nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
         "ppl": ppl, "convert_seconds": convert_s,
@@ -156,7 +154,9 @@ def report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="gptq,qe,qe-ts,qe-ts-p1", help=f"comma list of {list(CONFIGS)}")
+    p.add_argument(
+        "--configs", default="gptq,qe,qe-ts,qe-ts-p05", help=f"comma list; {parse_config.__doc__}"
+    )
     p.add_argument("--calib", default="wiki", help="comma list of wiki,austen")
     p.add_argument("--seeds", default="0", help="comma list of calibration seeds")
     p.add_argument("--bits", type=int, default=3)
