@@ -1,6 +1,6 @@
 """Kernel choice per call: M bucket and shape -> ``KernelConfig``, with a tunable cache.
 
-Three regimes (kernels.md §7): ``gemv`` (CUDA-core split-K, tiny M), ``gemm`` (tensor-core
+Three regimes: ``gemv`` (CUDA-core split-K, tiny M), ``gemm`` (tensor-core
 tiles, split-K while the M x N grid alone cannot fill the GPU) and ``dequant`` (scratch +
 cuBLAS, prefill). The cache is keyed by ``(M bucket, N, K, bits, group_size)``; entries come
 from, in order, :func:`set_config`/:func:`tune`, a JSON file named by ``$QE_KERNEL_CONFIGS``,

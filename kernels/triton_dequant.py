@@ -2,7 +2,7 @@
 
 Above ~1-2k tokens a GEMM is compute-bound and cuBLAS beats any fused Triton kernel, while
 one extra pass over the weights costs ~(b + 16) / 8 bytes per weight, a few percent of
-the GEMM (kernels.md §4). One program per outlier bucket (``tile_k x tile_n`` weights)
+the GEMM. One program per outlier bucket (``tile_k x tile_n`` weights)
 writes its dense tile, then — after a CTA barrier that orders those stores before the
 next ones — overwrites the bucket's outlier positions with ``dense + value`` recomputed in
 fp32, so every element is rounded to the output dtype once.

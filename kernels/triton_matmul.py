@@ -4,7 +4,7 @@ One kernel serves the decode and medium-batch regimes; ``KernelConfig`` picks th
 
 * ``gemv`` (M up to ~16): CUDA-core FMAs, ``acc[BM, BN] += sum_k x[BM, BK, 1] * w[1, BK, BN]``.
   No tensor cores, so nothing is padded to 16 rows; split-K over many programs keeps
-  enough bytes in flight to stream the weights at memory speed (kernels.md §7).
+  enough bytes in flight to stream the weights at memory speed.
 * ``gemm`` (medium M): ``tl.dot`` on the dequantized tile, optionally split-K.
 
 Split-K programs own whole outlier K-chunks (``k_per_split`` is a multiple of
