@@ -59,8 +59,13 @@ TEXTBOOK_GPTQ: dict[str, Any] = {
     "shrink": 0.0,
     "cd_damp": 0.0,
     "act_order": False,
+    "mse_grid": False,
 }
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {"rtn": {}, "gptq": TEXTBOOK_GPTQ, "quantease": {}}
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "rtn": {"mse_grid": False},
+    "gptq": TEXTBOOK_GPTQ,
+    "quantease": {},
+}
 # Fields a setting or its calibration sets: in the key / stem already, not in the tag.
 SETTING_FIELDS = ("method", "bits", "group_size", "outlier_fraction", "outlier_structure")
 CALIB_FIELDS = ("calib_data", "nsamples", "seqlen", "seed")

@@ -58,13 +58,13 @@ class ConvertOptions:
         0.0, "QuantEase sweeps: add cd_damp * mean(diag Σ) to Σ's diagonal (a uniform ridge towards W)"
     )
     shrink: float = option(
-        0.0,
+        0.3,
         "QuantEase sweeps: Σ <- (1 - shrink) Σ + shrink diag(Σ), in [0, 1); per-column damping, "
         "which trusts each input's own energy but less of the cross-correlations that do not "
         "carry to new text",
     )
     propagation: float = option(
-        0.0,
+        0.5,
         "weight of the error-propagation target in [0, 1]: 1 fits the full-precision layer's "
         "output on the inputs the quantized model really produces, 0 the usual layer-wise target",
     )
@@ -77,7 +77,7 @@ class ConvertOptions:
         False, "GPTQ passes quantize columns by decreasing activation energy diag(Σ)"
     )
     mse_grid: bool = option(
-        False,
+        True,
         "shrink each group's min/max range to minimise the rounding error of its weights",
         flag="--mse",
     )

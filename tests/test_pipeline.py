@@ -28,6 +28,9 @@ def gptq_opts(data_dir) -> ConvertOptions:
         seqlen=128,
         seed=3,
         true_sequential=False,
+        propagation=0.0,
+        shrink=0.0,
+        mse_grid=False,
     )
 
 

@@ -33,8 +33,12 @@ from qe_vllm.converters.solvers import solve
 SPECS = [dict(bits=3, group_size=-1), dict(bits=2, group_size=16), dict(bits=4, group_size=32, sym=True)]
 
 
+PLAIN = {"bits": 3, "group_size": -1, "shrink": 0.0, "mse_grid": False, "propagation": 0.0}
+
+
 def opts(**kw) -> ConvertOptions:
-    return ConvertOptions(**{"bits": 3, "group_size": -1, **kw})
+    """The solvers on their own objective and min/max grid, unless a test says otherwise."""
+    return ConvertOptions(**{**PLAIN, **kw})
 
 
 def layer(q: int = 48, p: int = 96, *, n: int = 1024, seed: int = 0) -> tuple[torch.Tensor, ...]:
