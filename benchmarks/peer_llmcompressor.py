@@ -141,26 +141,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def calib_source(calib: str, data: Path, scratch: Path) -> tuple[str, list[str]]:
-    """The calibration source for ``calib`` and its files (as benchmarks/quality.py builds it)."""
-    if calib == "wiki":
-        f = data / WIKI_CALIB
-        if not f.is_file():
-            raise FileNotFoundError(f)
-        return str(f), [str(f)]
-    files = sorted(p for p in (data / "austen").glob("*.txt") if p.name != HELDOUT_NOVEL)
-    if not files:
-        raise FileNotFoundError(f"no Austen novels under {data / 'austen'}")
-    link_dir = scratch / "calib-austen-no-prideprejudice"
-    link_dir.mkdir(parents=True, exist_ok=True)
-    for old in link_dir.iterdir():
-        if old.name not in {f.name for f in files}:
-            old.unlink()
-    for f in files:  # symbolic links: the data stays where it is
-        link = link_dir / f.name
-        if not link.is_symlink() or link.resolve() != f.resolve():
-            link.unlink(missing_ok=True)
-            link.symlink_to(f.resolve())
-    return str(link_dir), [str(f) for f in files]
+    """The calibration source for ``calib`` and its files, exactly as benchmarks/quality.py builds it."""
+    from quality_protocol import IN_DOMAIN, OUT_OF_DOMAIN
+    from quality_protocol import calib_source as quality_calib_source
+
+    return quality_calib_source(IN_DOMAIN if calib == "wiki" else OUT_OF_DOMAIN, data, scratch)
 
 
 def stem(args: argparse.Namespace, seed: int) -> str:
