@@ -230,7 +230,9 @@ def target_status(checks: list[Check]) -> str:
         return "UNMEASURED"
     if missed:
         return f"MISSED ({len(missed)} of {len(measured)} measured)"
-    return "MET" + (f" ({open_} of {len(checks)} unmeasured)" if open_ else "")
+    if open_:
+        return f"MET WHERE MEASURED, NOT YET ALL ({open_} of {len(checks)} unmeasured)"
+    return "MET"
 
 
 def evaluate_targets(
