@@ -20,11 +20,7 @@ from qe_vllm.format import unpack_codes
 
 
 def convert(model: Path, out: Path, *flags: str) -> Path:
-    # --no-mse: the min/max grid; an MSE-clipped grid exports with larger bf16-scale drift
-    # (logprobs up to 0.21 apart, same greedy tokens; the bf16 scales of issue 14 item 6).
-    proc = run_script(
-        "qe-convert", "--model", model, "--output", out, "--method", "rtn", "--no-mse", *flags
-    )
+    proc = run_script("qe-convert", "--model", model, "--output", out, "--method", "rtn", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
