@@ -20,7 +20,7 @@ examples:
 
   # QuantEase, 3 bits, calibrated on 128 random 2048-token windows of a local text file
   qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w3-qe --method quantease \\
-      --bits 3 --calib-data ../shared/data/austen --nsamples 128 --seqlen 2048 --device cuda
+      --bits 3 --calib-data ./my-text-dir --nsamples 128 --seqlen 2048 --device cuda
 
   # continue a run that was interrupted (same arguments plus --resume)
   qe-convert ... --resume

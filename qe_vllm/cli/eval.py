@@ -32,11 +32,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 EPILOG = """\
 examples:
-  qe-eval --model ./SmolLM2-135M-Instruct --data ../shared/data/wikitext-2-raw-test.txt --windows 4
-  qe-eval --model ./smollm2-w4 --data ../shared/data/wikitext-2-raw-test.txt --windows 16 --output ppl.json
+  qe-eval --model ./SmolLM2-135M-Instruct --data wiki.test.raw.txt --windows 4
+  qe-eval --model ./smollm2-w4 --data wiki.test.raw.txt --windows 16 --output ppl.json
 
   # through a running server (started with --max-model-len >= seqlen + 1)
-  qe-eval --server http://127.0.0.1:8000 --model ./smollm2-w4 --data ../shared/data/wikitext-2-raw-test.txt
+  qe-eval --server http://127.0.0.1:8000 --model ./smollm2-w4 --data wiki.test.raw.txt
 """
 
 
