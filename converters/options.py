@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from qe_vllm.converters.calibration import DATASETS, FORMATS
 from qe_vllm.converters.grid import GridSpec
 
 METHODS = ("rtn", "gptq", "quantease")
@@ -83,8 +84,16 @@ class ConvertOptions:
     )
     calib_data: str | None = option(
         None,
-        "calibration text: .txt/.json/.jsonl/.parquet file, a directory of .txt files, or a "
-        "datasets name NAME[:CONFIG][@SPLIT]; required unless --method rtn",
+        "calibration text: a .txt/.json/.jsonl/.parquet file, a directory of .txt files, a "
+        f"named dataset ({', '.join(DATASETS)}; needs the network or a datasets cache) or any "
+        "datasets name NAME[:CONFIG][@SPLIT]; default: the public-domain corpus bundled with "
+        "the package (converters/data/calibration), so no network is needed",
+    )
+    calib_format: str = option(
+        "text",
+        "text: plain text; chat: conversations (a 'messages' column) rendered with the "
+        "tokenizer's chat template, as an instruct model is served",
+        choices=FORMATS,
     )
     nsamples: int = option(128, "calibration windows")
     seqlen: int = option(2048, "tokens per calibration window")
@@ -105,11 +114,6 @@ class ConvertOptions:
     def check(self) -> None:
         """Refuse inconsistent settings with one message naming the flag."""
         self.check_solver()
-        if self.calibrated and not self.calib_data:
-            raise ValueError(
-                f"method {self.method} needs calibration text: pass --calib-data FILE_OR_DATASET "
-                "(or --method rtn, which needs none)"
-            )
         if self.calibrated and (self.nsamples < 1 or self.seqlen < 2):
             raise ValueError(
                 f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: calibration needs at least "

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from qe_vllm.converters import architectures
 from qe_vllm.converters.architectures import Architecture, get_module
-from qe_vllm.converters.calibration import calibration_windows
+from qe_vllm.converters.calibration import Calibration, calibration_set, describe
 from qe_vllm.converters.checkpoint import (
     check_output,
     prepare_partial,
@@ -433,18 +433,22 @@ def quant_config(
 
 
 def provenance(
-    opts: ConvertOptions, model: str, arch_name: str, errors: dict[str, float | None]
+    opts: ConvertOptions,
+    model: str,
+    arch_name: str,
+    errors: dict[str, float | None],
+    calib: Calibration | None = None,
 ) -> dict[str, Any]:
-    """Every option (``asdict``), with the calibration source resolved to an absolute path."""
+    """Every option (``asdict``), with the calibration source resolved (path, dataset or bundle)."""
     options = asdict(opts)
     if opts.calibrated:
-        path = Path(opts.calib_data).expanduser()
-        options["calib_data"] = str(path.resolve()) if path.exists() else opts.calib_data
+        options["calib_data"] = describe(opts.calib_data)
     return {
         "method": opts.method,
         "source_model": model,
         "architecture": arch_name,
         "options": options,
+        "calibration": None if calib is None else calib.summary(),
         "qe_vllm_version": version("qe-vllm"),
         "relative_error": errors,
     }
@@ -478,11 +482,14 @@ def convert(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    calib = None
     if opts.calibrated:  # before the model: bad data fails fast
         tokenizer = AutoTokenizer.from_pretrained(source)
-        windows = calibration_windows(
-            tokenizer, opts.calib_data, opts.nsamples, opts.seqlen, opts.seed
+        calib = calibration_set(
+            tokenizer, opts.calib_data, opts.nsamples, opts.seqlen, opts.seed, opts.calib_format
         )
+        log.info(calib.summary())
+        windows = calib.windows
     check_fits(opts, hf_config, quantized_weights(original, arch))
     net = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     net.eval()
@@ -519,7 +526,7 @@ def convert(
         output=output,
         source=source,
         architecture=arch_name,
-        qcfg=quant_config(opts, arch, provenance(opts, model, arch_name, errors)),
+        qcfg=quant_config(opts, arch, provenance(opts, model, arch_name, errors, calib)),
         shapes={n: tuple(original[f"{n}.weight"].shape) for n in names},
         nnz={n: state[f"{n}.{COL_IDX}"].numel() for n in names},
     )

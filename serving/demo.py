@@ -5,9 +5,14 @@ Phases (each timed):
 1. default model — ``<cache>/models/SmolLM2-135M-Instruct`` (bf16), prepared by
    ``serving/setup.sh``; prepared here if missing.
 2. convert — ``qe-convert --model <model> --output <cache>/ckpt/smollm2-w4-o1 --bits 4
-   --group-size 128 --method rtn --outlier-fraction 0.01``; skipped when the output already
-   holds a config.json with ``quantization_config.quant_method == "quantease"``. Written to a
-   temporary directory and renamed, so an interrupted run is redone.
+   --group-size 128 --outlier-fraction 0.01 --nsamples 16 --seqlen 512``: QuantEase (the
+   default method) calibrated on the corpus bundled with the package, on 16 windows so the
+   demo fits in a few minutes on 2 CPU cores (the converter's own default is 128 x 2048);
+   skipped when the output already holds a config.json with
+   ``quantization_config.quant_method == "quantease"``. Written to a temporary directory and
+   renamed, so an interrupted run is redone.
+2b. perplexity — ``qe-eval`` of the model before and after, on the first 4 x 512 tokens of
+   this repository's README.md (our own text: neither calibration nor benchmark data).
 3. serve — ``vllm serve <ckpt> --quantization quantease --max-model-len 1024 --enforce-eager``
    on a free 127.0.0.1 port (``serving/server.py``).
 4. one greedy completion ("The capital of France is", 16 tokens) and one chat request with
@@ -20,7 +25,7 @@ Usage::
     .venv/bin/python serving/demo.py --no-quant      # serve the bf16 model (no qe-convert)
     .venv/bin/python serving/demo.py --compile       # vLLM's default torch.compile path
 
-Takes about 2-4 minutes on 2 CPU cores (model conversion + ~1 min vLLM start-up).
+Takes about 3-4 minutes on 2 CPU cores (conversion, two perplexities, ~1 min vLLM start-up).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ except ImportError:  # run as `python serving/demo.py`
     from serving.server import VllmServer
 
 PROMPT = "The capital of France is"
+EVAL_TEXT = Path(__file__).resolve().parent.parent / "README.md"
+EVAL_ARGS = ("--seqlen", "512", "--windows", "4", "--device", "cpu")
 CHAT = "What is the capital of France?"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -51,14 +58,22 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def qe_convert_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "qe-convert"
+def console_script(name: str, module: str) -> list[str]:
+    """``name`` of this venv, else on PATH, else its module run by this interpreter."""
+    exe = Path(sys.executable).parent / name
     if exe.is_file():
         return [str(exe)]
-    if shutil.which("qe-convert"):
-        return [shutil.which("qe-convert")]
-    return [sys.executable, "-c",
-            "import sys; from qe_vllm.cli.convert import main; sys.exit(main())"]
+    if shutil.which(name):
+        return [shutil.which(name)]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def perplexity(model: Path, out: Path) -> float:
+    """``qe-eval`` of ``model`` (original or converted) on :data:`EVAL_TEXT`."""
+    cmd = [*console_script("qe-eval", "qe_vllm.cli.eval"), "--model", str(model),
+           "--data", str(EVAL_TEXT), *EVAL_ARGS, "--output", str(out)]
+    subprocess.run(cmd, check=True, timeout=300, stdout=subprocess.DEVNULL)
+    return float(json.loads(out.read_text())["ppl"])
 
 
 def convert(model: Path, out: Path, args: argparse.Namespace) -> str:
@@ -69,9 +84,11 @@ def convert(model: Path, out: Path, args: argparse.Namespace) -> str:
         log(f"removed leftover of an interrupted conversion: {d}")
     tmp = paths.tmp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [*qe_convert_cmd(), "--model", str(model), "--output", str(tmp),
-           "--bits", str(args.bits), "--group-size", str(args.group_size),
+    cmd = [*console_script("qe-convert", "qe_vllm.cli.convert"), "--model", str(model),
+           "--output", str(tmp), "--bits", str(args.bits), "--group-size", str(args.group_size),
            "--method", args.method, "--outlier-fraction", str(args.outlier_fraction)]
+    if args.method != "rtn":
+        cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     log("$ " + " ".join(cmd).replace(str(tmp), str(out)) + f"   (written to {tmp.name} first)")
     try:
         env = {**os.environ, "TQDM_DISABLE": "1"}  # no per-layer progress bars in the demo
@@ -96,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="quantized checkpoint dir (default: <cache>/ckpt/smollm2-w<bits>-o<pct>)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--method", default="quantease", choices=("quantease", "gptq", "rtn"))
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--outlier-fraction", type=float, default=0.01)
     ap.add_argument("--reconvert", action="store_true", help="convert even if the ckpt exists")
     ap.add_argument("--no-quant", action="store_true",
@@ -139,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         log(convert(model, ckpt, args))
         quant_args = ["--quantization", "quantease"]
     timings["convert"] = time.monotonic() - t
+
+    # 2b. perplexity before and after
+    if not args.no_quant:
+        t = time.monotonic()
+        scratch = paths.ckpt_dir(".demo-eval")
+        scratch.mkdir(parents=True, exist_ok=True)
+        before, after = (perplexity(m, scratch / f"{tag}.json") for m, tag in ((model, "before"), (ckpt, "after")))
+        summary["perplexity"] = {"text": EVAL_TEXT.name, "before": before, "after": after}
+        log(f"perplexity on the first {EVAL_ARGS[3]} x {EVAL_ARGS[1]} tokens of {EVAL_TEXT.name}: "
+            f"{before:.2f} before, {after:.2f} after quantization")
+        timings["perplexity"] = time.monotonic() - t
 
     vllm_args = [*quant_args, "--max-model-len", str(args.max_model_len),
                  "--served-model-name", ckpt.name]

@@ -30,6 +30,10 @@ OFFLINE_ENV = {
 }
 
 os.environ.update(OFFLINE_ENV)
+if torch.cpu._is_amx_tile_supported():  # vLLM's AMX attention is broken here: tests/vllm_site
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "tests" / "vllm_site"), os.environ.get("PYTHONPATH")])
+    )
 
 
 def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

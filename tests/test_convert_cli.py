@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import fields, replace
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import checkpoint
+from qe_vllm.converters.calibration import describe
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.gptq import gptq
 from qe_vllm.converters.grid import GridSpec, fit_grid_mse
@@ -121,7 +123,9 @@ def _nan(tensors):
             "unsupported architecture GPT2LMHeadModel",
         ),
         ("bad group", ["--group-size", "100"], "group_size=100"),
-        ("no calib data", ["--method", "gptq"], "needs calibration text"),
+        ("chat format on plain text", ["--method", "gptq", "--calib-data", "SHORT", "--calib-format", "chat"],
+         "--calib-format chat needs conversations"),
+        ("named chat data as text", ["--method", "quantease", "--calib-data", "ultrachat"], "holds chat data: pass --calib-format chat"),
         ("negative damping", ["--cd-damp", "-0.1"], "dampening cannot be negative"),
         ("shrink out of range", ["--shrink", "1.0"], "--shrink 1.0 must be in [0, 1)"),
         ("propagation out of range", ["--propagation", "2"], "--propagation 2.0 must be in [0, 1]"),
@@ -191,19 +195,21 @@ def test_act_order_and_mse_grid_reach_the_solver_and_the_provenance(tiny_llama, 
     assert not torch.equal(got.codes, solve(w, sigma, replace(opts, act_order=False, mse_grid=False)).codes)
 
 
-def test_quantease_is_the_default_method(tiny_llama, data_dir, tmp_path, capsys):
-    """No --method: QuantEase runs, and without --calib-data it says what it needs."""
+def test_quantease_on_the_bundled_corpus_is_the_default(tiny_llama, tmp_path, caplog):
+    """No --method and no --calib-data: QuantEase on the bundled corpus, offline, and it says so."""
     out = tmp_path / "out"
-    assert cli.main(["--model", str(tiny_llama), "--output", str(out)]) == 2
-    assert "method quantease needs calibration text" in capsys.readouterr().err
     args = ["--model", str(tiny_llama), "--output", str(out), "--device", "cpu", "--nsamples", "2",
-            "--seqlen", "64", "--calib-data", str(data_dir / "austen" / "northangerabbey.txt")]
-    assert cli.main(args) == 0
+            "--seqlen", "64"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main(args) == 0
     qcfg, _ = load_quantized_state(out)
     assert qcfg.provenance["method"] == "quantease"
     assert qcfg.provenance["options"] == {
         **{f.name: f.default for f in fields(ConvertOptions)},
-        "calib_data": str((data_dir / "austen" / "northangerabbey.txt").resolve()),
+        "calib_data": describe(None),
         "nsamples": 2,
         "seqlen": 64,
     }
+    said = qcfg.provenance["calibration"]
+    assert said.startswith("calibration: 2 windows x 64 tokens (128 tokens) from bundled corpus")
+    assert said in caplog.text

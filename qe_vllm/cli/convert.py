@@ -14,18 +14,26 @@ from qe_vllm.format import ROW_PTR, QuantEaseConfig, expected_tensors, linear_nb
 
 EPILOG = """\
 examples:
-  # round-to-nearest, 4 bits, groups of 128, 1% of the weights kept as float16 outliers (no data needed)
-  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w4 --method rtn \\
-      --bits 4 --group-size 128 --outlier-fraction 0.01
+  # QuantEase (the default method), 4 bits, groups of 128, calibrated on the corpus bundled
+  # with the package: no network and no text of your own needed
+  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w4-qe
 
-  # QuantEase, 3 bits, calibrated on 128 random 2048-token windows of a local text file
-  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w3-qe --method quantease \\
-      --bits 3 --calib-data ./my-text-dir --nsamples 128 --seqlen 2048 --device cuda
+  # 3 bits with 1% of the weights kept as float16 outliers, on 128 random 2048-token
+  # windows of your own text (a .txt file, a directory of them, or .json/.jsonl/.parquet)
+  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w3-qe --bits 3 \\
+      --outlier-fraction 0.01 --calib-data ./my-text-dir --nsamples 128 --seqlen 2048 --device cuda
+
+  # an instruct model calibrated on conversations rendered with its chat template (online)
+  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w4-chat \\
+      --calib-data ultrachat --calib-format chat
+
+  # round-to-nearest: no calibration at all (the fastest, least accurate)
+  qe-convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w4-rtn --method rtn
 
   # continue a run that was interrupted (same arguments plus --resume)
   qe-convert ... --resume
 
-then serve it:  vllm serve ./smollm2-w4   (the quantease plugin is picked up automatically)
+then serve it:  vllm serve ./smollm2-w4-qe   (the quantease plugin is picked up automatically)
 
 The output directory is written atomically: it appears only when complete. An
 interrupted run leaves a hidden .NAME.partial directory next to it, which
