@@ -81,11 +81,15 @@ def fit_grid_mse(
     """
     w = w.float()
     keep = torch.ones_like(w) if exclude is None else (~exclude).float()
+    # [out, G, group] views: each candidate broadcasts its [out, G] grid without expanding it
+    # (padding is 0 with keep 0: it adds nothing to any group's error).
+    wg, keep = _group_view(w, spec, 0.0), _group_view(keep, spec, 0.0)
 
     def group_error(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        s, z = (expand_groups(t, spec.group_size, w.shape[1]) for t in (scales, zeros))
-        err = (round_to_grid(w, s, z, spec.maxq) - w).abs().pow(norm) * keep
-        return _group_view(err, spec, 0.0).sum(-1)
+        s, z = scales[..., None], zeros[..., None]
+        e = torch.div(wg, s)  # round_to_grid(wg, s, z) - wg, in place: 80 candidates per layer
+        e.round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s).sub_(wg)
+        return e.abs_().pow_(norm).mul_(keep).sum(-1)
 
     xmin, xmax = _group_range(w, spec, exclude)
     scales, zeros = _grid_from_range(xmin, xmax, spec)
