@@ -76,8 +76,21 @@ def perplexity(model: Path, out: Path) -> float:
     return float(json.loads(out.read_text())["ppl"])
 
 
+def made_like(ckpt: Path, args: argparse.Namespace) -> bool:
+    """Whether ``ckpt``'s provenance records this demo's method and settings (else: reconvert)."""
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    options = (qc.get("provenance") or {}).get("options") or {}
+    want = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+            "outlier_fraction": args.outlier_fraction}
+    if args.method != "rtn":  # and calibrated on the bundled corpus, as the demo does
+        want.update(nsamples=args.nsamples, seqlen=args.seqlen)
+        if not str(options.get("calib_data")).startswith("bundled corpus"):
+            return False
+    return all(options.get(k) == v for k, v in want.items())
+
+
 def convert(model: Path, out: Path, args: argparse.Namespace) -> str:
-    if paths.quantease_ckpt_is_complete(out) and not args.reconvert:
+    if paths.quantease_ckpt_is_complete(out) and made_like(out, args) and not args.reconvert:
         return f"already converted: {out}"
     out.parent.mkdir(parents=True, exist_ok=True)
     for d in paths.remove_stale_tmp(out):
