@@ -18,8 +18,8 @@ dynamic=True)`` with Inductor, as vLLM compiles the model on CPU. One thread (wh
 CPU worker gets on a 2-core machine with the default ``VLLM_CPU_OMP_THREADS_BIND=auto``;
 change with ``--threads``). Paths are interleaved
 within every repetition so background load hits them alike; medians are reported with
-the load average. Layers are random W4 g128 asymmetric (``kernels.testing.random_layer``)
-with ``--density`` outliers::
+the load average. Layers are random W4 g128 asymmetric (``random_layer`` of the test helpers,
+``tests/helpers/layers.py``, loaded by path) with ``--density`` outliers::
 
     python benchmarks/cpu_linear.py                      # -> results/cpu_linear.{md,json}
     python benchmarks/cpu_linear.py --compile            # -> results/cpu_linear_compiled.*
@@ -29,6 +29,8 @@ with ``--density`` outliers::
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -42,6 +44,20 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 MS = (1, 4, 16, 64, 256)
+TEST_LAYERS = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "layers.py"
+
+
+@functools.cache
+def layer_helpers():
+    """``tests/helpers/layers.py``: ``random_layer``, ``error_bound`` (test code, not shipped).
+
+    Loaded by its path rather than by putting ``tests/`` on ``sys.path``, where the
+    ``tests/qe_vllm`` directory would shadow an editable install of ``qe_vllm``.
+    """
+    spec = importlib.util.spec_from_file_location("qe_test_layers", TEST_LAYERS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _Layer(torch.nn.Module):
@@ -57,10 +73,9 @@ class _Layer(torch.nn.Module):
 
 def quantease_layer(k: int, n: int, density: float, kernel: str, seed: int) -> Callable:
     from qe_vllm.format import COL_IDX, ROW_PTR, VALUES, QuantEaseConfig, csr_rows
-    from qe_vllm.kernels.testing import random_layer
     from qe_vllm.vllm_method import KERNEL_ENV, QuantEaseLinearMethod, QuantEaseVllmConfig
 
-    tensors, cfg = random_layer(n, k, 4, 128, False, density, seed=seed)
+    tensors, cfg = layer_helpers().random_layer(n, k, 4, 128, False, density, seed=seed)
     method = QuantEaseLinearMethod(QuantEaseVllmConfig(QuantEaseConfig(bits=4, group_size=128)))
     layer = _Layer(k, n)
     canonical = {name: tensors[name] for name in ("qweight", "scales", "qzeros")}
@@ -88,9 +103,8 @@ def cpuwna16_layer(k: int, n: int, seed: int) -> Callable:
     from vllm.scalar_type import scalar_types
 
     from qe_vllm.kernels.int4_layout import PACK_FACTOR, to_int4_layout
-    from qe_vllm.kernels.testing import random_layer
 
-    tensors, _ = random_layer(n, k, 4, 128, False, 0.0, seed=seed)
+    tensors, _ = layer_helpers().random_layer(n, k, 4, 128, False, 0.0, seed=seed)
     layout = to_int4_layout(tensors["qweight"], tensors["scales"], tensors["qzeros"], bits=4,
                             group_size=128, in_features=k, scale_dtype=torch.bfloat16)
     config = MPLinearLayerConfig(

@@ -10,7 +10,8 @@ Kernel times are medians over CUDA-event timings after warm-up; M <= 64 is timed
 CUDA graph of ``--graph-calls`` back-to-back calls (decode is launch-bound otherwise);
 weights rotate through enough copies to exceed twice the L2 cache, so nothing is timed
 from L2. Bandwidth is (weights + x + y bytes) / time, compared with a measured
-device-to-device copy. Layers are random (``kernels.testing.random_layer``), asymmetric.
+device-to-device copy. Layers are random, asymmetric: ``random_layer`` of the test helpers
+(``tests/helpers/layers.py``, loaded by path: run from a checkout of the repository).
 
 On a CPU, ``--smoke`` runs tiny shapes through the Triton interpreter only to prove the
 script executes: its timings say nothing about GPU speed, and the results file says so.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -131,12 +134,26 @@ def copies_to_defeat_l2(nbytes: int, device: torch.device) -> int:
 
 # --------------------------------------------------------------------------- kernel sweep
 
+TEST_LAYERS = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "layers.py"
+
+
+@functools.cache
+def layer_helpers():
+    """``tests/helpers/layers.py``: ``random_layer``, ``error_bound`` (test code, not shipped).
+
+    Loaded by its path rather than by putting ``tests/`` on ``sys.path``, where the
+    ``tests/qe_vllm`` directory would shadow an editable install of ``qe_vllm``.
+    """
+    spec = importlib.util.spec_from_file_location("qe_test_layers", TEST_LAYERS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def build_layer(variant: Variant, k: int, n: int, device: torch.device, seed: int):
     from qe_vllm.kernels.layout import pack_weights
-    from qe_vllm.kernels.testing import random_layer
 
-    tensors, cfg = random_layer(
+    tensors, cfg = layer_helpers().random_layer(
         n,
         k,
         variant.bits,
@@ -166,7 +183,8 @@ def sweep(args: argparse.Namespace, device: torch.device, timer: Timer) -> list[
     from qe_vllm.kernels import dispatch
     from qe_vllm.kernels.ops import quantease_linear
     from qe_vllm.kernels.reference import reference_linear
-    from qe_vllm.kernels.testing import error_bound
+
+    error_bound = layer_helpers().error_bound
 
     dtype = torch.float16
     rows = []

@@ -99,7 +99,7 @@ def check_solution(name: str, res: QuantResult, opts: ConvertOptions, w: torch.T
     Checked before the solution is written back into the block, so a solver that
     blew up stops the run naming the layer instead of writing Inf into the
     checkpoint or poisoning the next block's calibration. (Found by
-    tests/test_fuzz_solvers.py: near the float16 limit, GPTQ's error compensation
+    tests/converters/test_fuzz_solvers.py: near the float16 limit, GPTQ's error compensation
     can push the outliers it holds out past float16.)
     """
     problems = []
@@ -387,7 +387,7 @@ def check_fits(
     A group wider than a layer's rows would silently mean "per channel"; windows
     longer than the model's learned positions (OPT) would fail deep inside the
     first forward pass; a weight beyond the float16 range of scales and outlier
-    values would be stored as Inf (found by tests/test_fuzz_solvers.py).
+    values would be stored as Inf (found by tests/converters/test_fuzz_solvers.py).
     """
     if weights:
         name, narrowest = min(((n, w.shape[1]) for n, w in weights.items()), key=lambda nw: nw[1])

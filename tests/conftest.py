@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models (always) and a 2-block cut of SmolLM2 (when prepared).
+"""Fixtures shared by the test directories: tiny random models (always), a 2-block cut of
+SmolLM2 (when prepared), and the checkpoints and texts several test files start from.
 
-Everything is session-scoped and written under pytest's tmp_path_factory, so a
-model is built once per test session and nothing lands in the repository.
+Everything is session- or module-scoped and written under pytest's tmp_path_factory, so a
+model is built once per test session and nothing lands in the repository. Plain helpers
+(paths, ``run_script``, vLLM runs, random layers) are modules under ``tests/helpers/``.
 """
 
 from __future__ import annotations
@@ -10,41 +12,19 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("QE_DATA_DIR", REPO.parent / "shared" / "data"))
-SMOLLM2_DIR = (
-    Path(os.environ.get("QE_CACHE_DIR", REPO / ".cache")) / "models" / "SmolLM2-135M-Instruct"
-)
+from helpers.env import DATA_DIR, OFFLINE_ENV, REPO, SMOLLM2_DIR, TESTS, run_script
+
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
 
 os.environ.update(OFFLINE_ENV)
 if torch.cpu._is_amx_tile_supported():  # vLLM's AMX attention is broken here: tests/vllm_site
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO / "tests" / "vllm_site"), os.environ.get("PYTHONPATH")])
-    )
-
-
-def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a console script of this venv (``qe-convert``, ``qe-eval``) as a user would."""
-    exe = Path(sys.executable).parent / name
-    return subprocess.run(
-        [str(exe), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **OFFLINE_ENV},
+        filter(None, [str(TESTS / "vllm_site"), os.environ.get("PYTHONPATH")])
     )
 
 
@@ -157,4 +137,28 @@ def smollm2_2blocks(tmp_path_factory) -> Path:
             and f.name not in ("config.json", "model.safetensors.index.json")
         ):
             shutil.copyfile(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def good(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 4-bit checkpoint of ``tiny_llama`` (RTN, groups of 64, 1.5% outliers).
+
+    ``helpers.broken_checkpoints.broken`` corrupts copies of it (the loader tests in
+    tests/converters and the vLLM ones in tests/qe_vllm).
+    """
+    out = tmp_path_factory.mktemp("good") / "tiny-w4"
+    r = run_script(
+        "qe-convert", "--model", tiny_llama, "--output", out, "--method", "rtn", "--bits", "4",
+        "--group-size", "64", "--outlier-fraction", "0.015", "--device", "cpu",
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models' tokenizer was trained on this repository's source: calibrate on it too."""
+    out = tmp_path_factory.mktemp("calib") / "source.txt"
+    out.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "qe_vllm").rglob("*.py"))))
     return out

@@ -9,9 +9,9 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
-from conftest import run_script
 from safetensors.torch import load_file, save_file
 
+from helpers.env import run_script
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import checkpoint
 from qe_vllm.converters.calibration import describe

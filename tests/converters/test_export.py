@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
+from helpers.env import run_script
 from qe_vllm.converters.export import ExportError, export_compressed_tensors
 from qe_vllm.format import unpack_codes
 
@@ -116,7 +116,7 @@ def test_stock_vllm_serves_export_like_the_plugin(smollm2_2blocks: Path, tmp_pat
     logprobs within the bf16 drift of two GEMMs. 576-wide inputs with groups of 128
     exercise the group split.
     """
-    from test_vllm_method import GEMM_DRIFT_TOL, assert_same_generation, generate
+    from helpers.generation import GEMM_DRIFT_TOL, assert_same_generation, generate
 
     ckpt = convert(smollm2_2blocks, tmp_path / "qe", "--bits", "4", "--group-size", "128", "--outlier-fraction", "0")
     export_compressed_tensors(ckpt, tmp_path / "ct")

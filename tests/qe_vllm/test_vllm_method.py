@@ -13,7 +13,7 @@ dequantized weights plus outliers. On CPU there are two paths:
   compared with the dense model within the GEMM drift tolerance, and against a float32
   run of the dense reference, where it must be as close as the bf16 dense model itself.
 
-Every generation runs in its own process (``tests/vllm_generate.py``).
+Every generation runs in its own process (``tests/helpers/vllm_generate.py``).
 """
 
 from __future__ import annotations
@@ -28,26 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from helpers.env import run_script
+from helpers.generation import GEMM_DRIFT_TOL, assert_same_generation, generate
 from qe_vllm.converters.checkpoint import dense_reference
 
 pytestmark = pytest.mark.slow
-GENERATE = Path(__file__).with_name("vllm_generate.py")
-
-
-def generate(
-    model: Path, out: Path, *, tp: int = 1, mode: str = "eager", quantization: str | None = None,
-    env: dict[str, str] | None = None, dtype: str = "bfloat16",
-) -> list[dict]:
-    cmd = [sys.executable, str(GENERATE), str(model), str(out), "--tp", str(tp), "--mode", mode,
-           "--dtype", dtype]
-    if quantization:
-        cmd += ["--quantization", quantization]
-    # Serve as a user would: without the Triton interpreter that tests/test_kernels.py exports.
-    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**base, **(env or {})})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 def convert(model: Path, out: Path, *args: str, round_scales: bool = True) -> Path:
@@ -76,31 +61,6 @@ def round_scales_to_bf16(ckpt: Path) -> None:
         if name.endswith(".scales"):
             tensors[name] = t.to(torch.bfloat16).to(t.dtype)
     save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def assert_same_generation(
-    got: list[dict], want: list[dict], logprob_tol: float, prompt_tol: float | None = None
-) -> None:
-    """Same greedy tokens, with logprobs within ``logprob_tol``, up to a near-tie.
-
-    Two runs whose logprobs differ by up to ``logprob_tol`` may legitimately pick
-    different tokens where the reference's best two candidates are within twice that
-    (each may move by ``logprob_tol``; the 2-block SmolLM2 cut produces such ties, some
-    exact); a divergence anywhere else fails. Logprobs are compared up to the divergence.
-    With ``prompt_tol``, the teacher-forced prompt logprobs (the same tokens in both runs,
-    so comparable even after a divergence) must agree within it everywhere.
-    """
-    for g, w in zip(got, want, strict=True):
-        if prompt_tol is not None:
-            drift = [abs(a - b) for a, b in zip(g["prompt_logprobs"], w["prompt_logprobs"], strict=True)]
-            assert max(drift) <= prompt_tol, (max(drift), w["text"])
-        diverge = next((i for i, (a, b) in enumerate(zip(g["token_ids"], w["token_ids"])) if a != b), None)
-        if diverge is not None:
-            assert w["margins"][diverge] <= 2 * logprob_tol, (diverge, g["text"], w["text"])
-        n = len(w["token_ids"]) if diverge is None else diverge
-        assert len(g["token_ids"]) == len(w["token_ids"]), (g["text"], w["text"])
-        drift = [abs(a - b) for a, b in zip(g["logprobs"][:n], w["logprobs"][:n])]
-        assert max(drift, default=0.0) <= logprob_tol, (drift, g["text"], w["text"])
 
 
 def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> Path:
@@ -134,12 +94,6 @@ def cut_heads(src: Path, out: Path, q_heads: list[int], kv_heads: list[int]) -> 
     return out
 
 
-# Logprob drift that is not ours: vLLM's CPU platform runs dense layers through its own
-# GEMMs (oneDNN / sgl-kernel, chosen by shape) while the quantease paths call F.linear
-# (exact path) or torch's int4 GEMM (default), each summing in its own order, and
-# at TP=2 bf16 partial sums are all-reduced. On the 2-block SmolLM2 cut (huge logits) this
-# moves logprobs by up to ~0.07 with identical tokens; the exact path at TP=1 is checked at 1e-3.
-GEMM_DRIFT_TOL = 0.15
 EXACT_PATH = {"QE_VLLM_KERNEL": "torch"}
 
 
@@ -176,7 +130,7 @@ def test_int4_path_without_outliers_matches_dense(
 ) -> None:
     """Torch's int4 GEMM on the derived weights serves the dense reference's model.
 
-    For these grids the weights are the same numbers (``tests/test_int4_layout.py`` checks
+    For these grids the weights are the same numbers (``tests/kernels/test_int4_layout.py`` checks
     the derivation exactly); what remains is the kernel's bf16 GEMM, whose summation
     order differs from the oneDNN GEMM of the dense model.
     """
@@ -252,7 +206,7 @@ def test_kernel_op_path_under_vllm(tiny_llama: Path, tmp_path: Path) -> None:
 
     Off-GPU the custom op runs its torch fallback over the kernel layout, so this checks
     the re-packing of TP-assembled outliers and the op plumbing; kernel numerics are
-    covered by tests/test_kernels.py.
+    covered by tests/kernels/test_kernels.py.
     """
     ckpt = convert(tiny_llama, tmp_path / "qe", "--bits", "3", "--group-size", "32", "--outlier-fraction", "0.02")
     dense_reference(ckpt, tmp_path / "dense")

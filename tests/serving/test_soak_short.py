@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers.env import REPO
 from serving import paths
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.layers import random_layer
 from qe_vllm.format import COL_IDX, QWEIGHT, QZEROS, ROW_PTR, SCALES, VALUES, csr_rows, dense_weight
 from qe_vllm.kernels.int4_layout import (
     int4_group_size,
@@ -20,7 +21,6 @@ from qe_vllm.kernels.int4_layout import (
     to_int4_layout,
     to_int4pack,
 )
-from qe_vllm.kernels.testing import random_layer
 from qe_vllm.kernels.torch_linear import add_csr_outliers
 
 

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the serving/ scripts
-
-from serving import paths  # noqa: E402
-from serving.server import ServerError, VllmServer, free_port, session_pids  # noqa: E402
+from serving import paths
+from serving.server import ServerError, VllmServer, free_port, session_pids
 
 HTTP = [sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"]
 

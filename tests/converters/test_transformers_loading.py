@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from helpers.env import run_script
+from helpers.layers import error_bound, random_layer
 from qe_vllm.converters.hf_loading import QuantEaseLinear, load_quantease_model
 from qe_vllm.kernels.reference import reference_linear
-from qe_vllm.kernels.testing import error_bound, random_layer
 
 
 def convert(model: Path, out: Path, *flags: str) -> Path:
@@ -56,7 +56,7 @@ def test_quantease_linear_matches_reference(dtype: torch.dtype) -> None:
 @pytest.mark.slow
 def test_transformers_logprobs_match_vllm(smollm2_2blocks: Path, tmp_path: Path) -> None:
     """Teacher-forced log-probabilities: vLLM (float32) vs. transformers (float32), same ids."""
-    from test_vllm_method import generate
+    from helpers.generation import generate
 
     ckpt = convert(smollm2_2blocks, tmp_path / "qe", "--bits", "4", "--group-size", "128", "--outlier-fraction", "0.01")
     served = generate(ckpt, tmp_path / "vllm.json", quantization="quantease", dtype="float32")

@@ -11,18 +11,15 @@ the transformers path on the same checkpoint.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import SMOLLM2_DIR, run_script
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serving.launch import serve_args  # noqa: E402
-from serving.server import VllmServer, session_pids  # noqa: E402
+from helpers.env import REPO, SMOLLM2_DIR, run_script
+from serving.launch import serve_args
+from serving.server import VllmServer, session_pids
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-qe"
@@ -169,7 +166,7 @@ def test_perplexity_through_server_matches_transformers(server: VllmServer, data
 
 def test_client_example_runs(server: VllmServer) -> None:
     """``serving/client_example.py`` (completion, chat, streamed chat) against the server."""
-    example = Path(__file__).resolve().parent.parent / "serving" / "client_example.py"
+    example = REPO / "serving" / "client_example.py"
     proc = run_script("python", example, "--base-url", server.url + "/v1", "--max-tokens", "12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model: {NAME}" in proc.stdout
@@ -180,7 +177,7 @@ def test_client_example_runs(server: VllmServer) -> None:
 
 def test_load_benchmark_accounts_for_every_request(server: VllmServer, tmp_path: Path) -> None:
     """``serving/bench.py``: every request answered and counted, every token streamed and timed."""
-    bench = Path(__file__).resolve().parent.parent / "serving" / "bench.py"
+    bench = REPO / "serving" / "bench.py"
     out = tmp_path / "bench.json"
     proc = run_script("python", bench, "--url", server.url, "--model", NAME, "--concurrency", "1,4",
                       "--requests", "6", "--max-seconds", "300", "--max-tokens", "8", "--output", out)

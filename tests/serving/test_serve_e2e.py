@@ -9,16 +9,13 @@ in bf16, so near-ties may break either way). The server must leave no process be
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SMOLLM2_DIR, run_script
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serving.server import VllmServer, session_pids  # noqa: E402
+from helpers.env import SMOLLM2_DIR, run_script
+from serving.server import VllmServer, session_pids
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"

@@ -1,11 +1,9 @@
-"""Loaders refuse broken or mismatched checkpoints at load time, with one message naming the layer.
+"""Corrupted copies of a good checkpoint: the cases every loader must refuse, by name.
 
-Each case corrupts one copy of a good checkpoint the way a bad copy, a buggy
-writer or a hand edit would, and expects :func:`validate_checkpoint`'s message
-from every loader: transformers (``load_model``, fast, every case), ``qe-eval``
-(one line, exit 2) and, in tests/test_reliability_vllm.py, vLLM (a subprocess
-per case; the message must reach stderr, or the server log of ``vllm serve``),
-before any kernel runs.
+Each case corrupts one copy of the ``good`` checkpoint (``tests/conftest.py``) the way a
+bad copy, a buggy writer or a hand edit would, with the substrings every loader's message
+must contain. Used by tests/converters/test_reliability_loader.py (transformers,
+``qe-eval``) and tests/qe_vllm/test_reliability_vllm.py (vLLM).
 """
 
 from __future__ import annotations
@@ -15,15 +13,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script
-from qe_vllm.cli import eval as eval_cli
-from qe_vllm.converters.checkpoint import INDEX, SINGLE_SHARD, validate_checkpoint
-from qe_vllm.converters.hf_loading import load_model, load_quantease_model
-from qe_vllm.format import CheckpointFormatError
+from qe_vllm.converters.checkpoint import INDEX, SINGLE_SHARD
 
 LAYER = "model.layers.1.mlp.down_proj"  # 256 x 512, 4-bit, groups of 64, 1.5% outliers
 
@@ -152,18 +145,8 @@ CASES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def good(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("good") / "tiny-w4"
-    r = run_script(
-        "qe-convert", "--model", tiny_llama, "--output", out, "--method", "rtn", "--bits", "4",
-        "--group-size", "64", "--outlier-fraction", "0.015", "--device", "cpu",
-    )
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def broken(good: Path, tmp_path: Path, case: str) -> Path:
+    """A copy of ``good`` under ``tmp_path`` with ``case``'s corruption applied."""
     ckpt = tmp_path / case
     shutil.copytree(good, ckpt)
     CASES[case][0](ckpt)
@@ -171,38 +154,6 @@ def broken(good: Path, tmp_path: Path, case: str) -> Path:
 
 
 def assert_message(text: str, case: str) -> None:
+    """``text`` (an exception, stderr or a server log) holds every substring of ``case``."""
     for part in CASES[case][1]:
         assert part in text, (case, part, text[-3000:])
-
-
-def test_good_checkpoint_validates_and_loads(good: Path) -> None:
-    geometry = validate_checkpoint(good)
-    assert len(geometry.shapes) == 14 and geometry.qcfg.bits == 4
-    logits = load_model(good, torch.float32)(torch.tensor([[1, 5, 9]])).logits
-    assert bool(torch.isfinite(logits).all())
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_transformers_loader_names_the_problem(good: Path, tmp_path: Path, case: str) -> None:
-    ckpt = broken(good, tmp_path, case)
-    with pytest.raises((CheckpointFormatError, FileNotFoundError)) as info:
-        load_model(ckpt, torch.float32)
-    message = str(info.value)
-    assert "\n" not in message
-    assert_message(message, case)
-
-
-def test_quantease_loader_refuses_a_plain_model(tiny_llama: Path) -> None:
-    with pytest.raises(CheckpointFormatError, match="has no quantization_config, load it without"):
-        load_quantease_model(tiny_llama, torch.float32)
-
-
-@pytest.mark.parametrize("case", ["wrong-shape", "corrupt-header", "format-version-newer"])
-def test_qe_eval_one_line_exit_2(good: Path, tmp_path: Path, capsys, case: str) -> None:
-    ckpt = broken(good, tmp_path, case)
-    text = tmp_path / "eval.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    assert eval_cli.main(["--model", str(ckpt), "--data", str(text), "--seqlen", "32", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("qe-eval: error: "), err
-    assert_message(err[0], case)

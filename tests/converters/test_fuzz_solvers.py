@@ -8,7 +8,7 @@ Inputs include dead input channels, rank-deficient Σ, all-zero and constant
 rows, widths that are not multiples of the group size, and magnitudes from
 1e-6 to ~1e4. Nearer the float16 limit (65504) GPTQ's compensation can overflow
 the outliers it holds; the pipeline refuses such weights (``check_fits``) and
-such solutions (``check_solution``), tested in tests/test_reliability_convert.py.
+such solutions (``check_solution``), tested in tests/qe_vllm/test_reliability_convert.py.
 """
 
 from __future__ import annotations

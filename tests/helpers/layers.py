@@ -3,6 +3,10 @@
 Layers are built through ``qe_vllm.format`` (``pack_codes``, ``csr_from_dense``) so they
 are exactly what a checkpoint would hold. Nothing is zero by accident: codes cover the
 whole grid, scales are positive, outlier values are bounded away from 0.
+
+Test code, not shipped (it was ``qe_vllm.kernels.testing``). It imports only torch and
+``qe_vllm.format``: ``benchmarks/kernels.py`` and ``benchmarks/cpu_linear.py`` load this
+file by its path, and the GPU machine has torch, triton and transformers only.
 """
 
 from __future__ import annotations

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, run_script
+from helpers.env import OFFLINE_ENV, run_script
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import pipeline
 from qe_vllm.converters.checkpoint import partial_dir
-from test_reliability_convert import calib_text  # noqa: F401 - the shared calibration fixture
 
 QE_CONVERT = str(Path(sys.executable).parent / "qe-convert")
 
@@ -52,7 +51,7 @@ def kill_after_block_0(cmd: list[str], output: Path, log: Path, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def args(tiny_llama: Path, calib_text: Path) -> list[str]:  # noqa: F811
+def args(tiny_llama: Path, calib_text: Path) -> list[str]:
     return ["--model", str(tiny_llama), "--method", "gptq", "--bits", "3", "--group-size", "64",
             "--outlier-fraction", "0.01", "--calib-data", str(calib_text), "--nsamples", "8",
             "--seqlen", "128", "--seed", "11", "--device", "cpu"]

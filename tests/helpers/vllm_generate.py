@@ -2,7 +2,7 @@
 
 Tests run this as a subprocess so every model gets a clean vLLM (engine
 processes, plugin registration, torch.compile state) and nothing leaks between
-tests. Usage: ``python tests/vllm_generate.py MODEL OUT.json [--tp N]
+tests. Usage: ``python tests/helpers/vllm_generate.py MODEL OUT.json [--tp N]
 [--mode eager|compile|dynamo] [--quantization NAME] [--max-tokens N] [--dtype D]``.
 Each result also holds ``margins`` (per generated token, the gap between the best and
 second-best logprob: where greedy decoding had a near-tie) and ``prompt_logprobs``: the

@@ -6,7 +6,7 @@ the same tests run natively and add bf16 activations.
 
 Every kernel path is checked on random layers against ``reference.reference_linear``
 (float32, from the canonical tensors) with the per-element bound of
-``testing.error_bound`` (fp16: roundings of weights, folded zeros and outputs at
+``helpers.layers.error_bound`` (fp16: roundings of weights, folded zeros and outputs at
 u = 2**-11, 6-sigma; bf16: u = 2**-8). Outputs are poisoned with NaN before the call so
 an element a kernel forgets to write fails. Shapes are not multiples of any tile
 (K=200, N=72); layers use small outlier tiles (32 x 64) so one program spans several
@@ -27,12 +27,12 @@ if not torch.cuda.is_available():
 
 import pytest
 
+from helpers.layers import error_bound, random_layer
 from qe_vllm.format import QWEIGHT, QZEROS, SCALES
 from qe_vllm.kernels.dispatch import KernelConfig, get_config, launch, m_bucket
 from qe_vllm.kernels.layout import QuantEaseWeights, dequantize_weights, pack_weights
 from qe_vllm.kernels.ops import quantease_linear
 from qe_vllm.kernels.reference import reference_linear
-from qe_vllm.kernels.testing import error_bound, random_layer
 from qe_vllm.kernels.triton_dequant import dequantize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 The quantease method's ``maybe_update_config`` runs ``validate_checkpoint``
 before any weight is read, so ``LLM(...)`` and ``vllm serve`` stop at start-up
 with the same message the transformers loader gives (the cases and corruptions
-are those of tests/test_reliability_loader.py); never a crash in a weight
+are those of tests/helpers/broken_checkpoints.py); never a crash in a weight
 loader or a kernel. The ``--quantization`` flag must agree with the checkpoint
 both ways. Each case is its own vLLM process.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability_loader import CASES, assert_message, broken, good  # noqa: F401 - fixture
+from helpers.broken_checkpoints import CASES, assert_message, broken
+from helpers.generation import GENERATE
 
 pytestmark = pytest.mark.slow
-GENERATE = Path(__file__).with_name("vllm_generate.py")
 
 
 @pytest.mark.parametrize("case", ["missing-tensor", "corrupt-header"])

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import run_script
 
+from helpers.env import run_script
 from qe_vllm.cli import eval as cli
 from qe_vllm.converters.calibration import load_text, tokenize
 from qe_vllm.converters.checkpoint import dense_reference

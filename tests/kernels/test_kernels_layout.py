@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from helpers.env import TESTS
+from helpers.layers import error_bound, random_layer
 from qe_vllm.format import QZEROS, SCALES, csr_rows, dense_weight, expand_groups, num_groups
 from qe_vllm.kernels import dispatch
 from qe_vllm.kernels.dispatch import KernelConfig, candidate_configs, config_key, default_config
@@ -30,7 +32,6 @@ from qe_vllm.kernels.layout import (
     to_canonical,
 )
 from qe_vllm.kernels.reference import reference_linear
-from qe_vllm.kernels.testing import error_bound, random_layer
 from qe_vllm.kernels.torch_linear import quantease_linear_torch
 
 N, K = 72, 200  # not multiples of any tile
@@ -225,18 +226,20 @@ def test_config_cache_round_trips_through_json(tmp_path, monkeypatch) -> None:
 
 def test_kernels_work_without_triton_and_never_import_vllm() -> None:
     """The CPU path and the op's torch fallback need neither Triton nor vLLM."""
-    code = """
+    code = f"""
 import sys
 sys.modules["triton"] = None  # any import of triton now raises ImportError
 import torch
-from qe_vllm.kernels import dispatch, layout, ops, reference, testing
+from qe_vllm.kernels import dispatch, layout, ops, reference
+sys.path.append({str(TESTS)!r})  # after qe_vllm: tests/qe_vllm must not shadow the package
+from helpers import layers
 assert "vllm" not in sys.modules
-tensors, cfg = testing.random_layer(72, 200, 3, 64, False, 0.02)
+tensors, cfg = layers.random_layer(72, 200, 3, 64, False, 0.02)
 w = layout.pack_weights(tensors, cfg, 200)
 x = torch.randn(3, 200)
 y = ops.quantease_linear(x, w)
 y_ref = reference.reference_linear(x, tensors, cfg, 200)
-assert bool(((y - y_ref).abs() <= testing.error_bound(x, tensors, cfg, 200, y_ref)).all())
+assert bool(((y - y_ref).abs() <= layers.error_bound(x, tensors, cfg, 200, y_ref)).all())
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

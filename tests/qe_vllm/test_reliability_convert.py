@@ -1,6 +1,6 @@
 """``qe-convert`` on bad input: one error line, exit 2, never a directory that looks complete.
 
-Complements ``tests/test_convert_cli.py`` (missing directory, offline hub id,
+Complements ``tests/qe_vllm/test_convert_cli.py`` (missing directory, offline hub id,
 unsupported architecture, bad group size, missing/empty/short calibration text,
 NaN weights, no CUDA, existing output, a patched writer failing mid-save) with
 the remaining cases: shapes the settings do not fit, Inf weights, weights past
@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE_ENV, REPO, run_script
+from helpers.env import OFFLINE_ENV, run_script
 from qe_vllm.cli import convert as cli
 from qe_vllm.converters import pipeline
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
@@ -31,14 +31,6 @@ from qe_vllm.converters.pipeline import ConvertOptions, convert
 
 BASE = ("--bits", "4", "--group-size", "64", "--device", "cpu")
 CALIB = ("--calib-data", "CALIB", "--nsamples", "4", "--seqlen", "64")
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny models' tokenizer was trained on this repository's source: calibrate on it too."""
-    out = tmp_path_factory.mktemp("calib") / "source.txt"
-    out.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "qe_vllm").rglob("*.py"))))
-    return out
 
 
 def variant(src: Path, dst: Path, edit: Callable[[Path], None]) -> Path:
@@ -134,7 +126,7 @@ def test_bad_input_is_one_line_exit_2(
 
 
 def test_unsupported_bits_through_the_api(tiny_llama: Path, tmp_path: Path) -> None:
-    """The parser refuses --bits 5 (tests/test_convert_cli.py); the Python API refuses it too."""
+    """The parser refuses --bits 5 (tests/qe_vllm/test_convert_cli.py); the Python API refuses it too."""
     with pytest.raises(ValueError, match=r"--bits 5 is not supported; choose one of \[2, 3, 4, 8\]"):
         convert(str(tiny_llama), tmp_path / "out", ConvertOptions(bits=5), device="cpu")
     assert list(tmp_path.iterdir()) == []
