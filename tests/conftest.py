@@ -22,6 +22,12 @@ from helpers.env import DATA_DIR, OFFLINE_ENV, REPO, SMOLLM2_DIR, TESTS, run_scr
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 os.environ.update(OFFLINE_ENV)
+# Without a GPU the Triton kernels run under the interpreter (tests/kernels/test_kernels.py).
+# It must be on before anything imports triton: triton.language builds its own @triton.jit
+# helpers (tl.sum, tl.cdiv, ...) at import, and compiled ones cannot be called from an
+# interpreted kernel. Test files collected earlier import transformers, which imports triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 if torch.cpu._is_amx_tile_supported():  # vLLM's AMX attention is broken here: tests/vllm_site
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(TESTS / "vllm_site"), os.environ.get("PYTHONPATH")])
@@ -162,3 +168,22 @@ def calib_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("calib") / "source.txt"
     out.write_text("\n\n".join(p.read_text() for p in sorted((REPO / "qe_vllm").rglob("*.py"))))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_w4_o1(tmp_path_factory) -> Path:
+    """The whole SmolLM2 at W4 g128 + 1% outliers (RTN: no calibration), converted once.
+
+    The serving tests (``tests/serving/``) all start from it; they test serving, not the
+    solver, so the fastest method will do.
+    """
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        pytest.fail(f"default model missing at {SMOLLM2_DIR}: run `bash serving/setup.sh` first")
+    ckpt = tmp_path_factory.mktemp("smollm2-w4-o1") / "smollm2-w4-o1"
+    proc = run_script(
+        "qe-convert", "--model", SMOLLM2_DIR, "--output", ckpt, "--method", "rtn", "--bits", "4",
+        "--group-size", "128", "--outlier-fraction", "0.01", timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bits/weight" in proc.stdout
+    return ckpt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.env import REPO, SMOLLM2_DIR, run_script
+from helpers.env import REPO, run_script
 from serving.launch import serve_args
 from serving.server import VllmServer, session_pids
 
@@ -29,16 +29,8 @@ CLIENTS = 16
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[VllmServer]:
-    if not (SMOLLM2_DIR / "config.json").is_file():
-        pytest.fail(f"default model missing at {SMOLLM2_DIR}: run `bash serving/setup.sh` first")
-    tmp = tmp_path_factory.mktemp("serving-api")
-    ckpt = tmp / "smollm2-w4-o1"
-    proc = run_script(
-        "qe-convert", "--model", SMOLLM2_DIR, "--output", ckpt, "--method", "rtn", "--bits", "4",
-        "--group-size", "128", "--outlier-fraction", "0.01",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def server(smollm2_w4_o1: Path, tmp_path_factory) -> Iterator[VllmServer]:
+    ckpt, tmp = smollm2_w4_o1, tmp_path_factory.mktemp("serving-api")
     args, env = serve_args("cpu", eager=True, max_model_len=512, kv_cache_gib=1)
     srv = VllmServer(ckpt, *args, "--served-model-name", NAME, env=env, quiet=True,
                      log_path=tmp / "server.log", startup_timeout=600)
