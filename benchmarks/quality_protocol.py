@@ -68,7 +68,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 # Fields a setting or its calibration sets: in the key / stem already, not in the tag.
 SETTING_FIELDS = ("method", "bits", "group_size", "outlier_fraction", "outlier_structure")
-CALIB_FIELDS = ("calib_data", "nsamples", "seqlen", "seed")
+CALIB_FIELDS = ("calib_data", "calib_format", "nsamples", "seqlen", "seed")
 # rtn() reads only the grid options (converters/rtn.py): its tag ignores the solvers' defaults.
 RTN_READS = ("sym", "mse_grid")
 
