@@ -33,7 +33,7 @@ def generate(
            "--dtype", dtype]
     if quantization:
         cmd += ["--quantization", quantization]
-    # Serve as a user would: without the Triton interpreter that tests/kernels/test_kernels.py exports.
+    # Serve as a user would: without the Triton interpreter that tests/conftest.py exports.
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**base, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,8 +1,9 @@
 """Triton kernels vs the float32 reference, and the ``quantease::linear`` custom op.
 
-Without a GPU every kernel runs under the Triton interpreter (set below, before any
-kernel module is imported), in fp16: the interpreter's bf16 arithmetic is wrong. On a GPU
-the same tests run natively and add bf16 activations.
+Without a GPU every kernel runs under the Triton interpreter (``TRITON_INTERPRET=1``, set
+by tests/conftest.py before anything imports triton, checked below), in fp16: the
+interpreter's bf16 arithmetic is wrong. On a GPU the same tests run natively and add bf16
+activations.
 
 Every kernel path is checked on random layers against ``reference.reference_linear``
 (float32, from the canonical tensors) with the per-element bound of
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it without a GPU"
 
 import pytest
 
