@@ -29,8 +29,6 @@ the load average. Layers are random W4 g128 asymmetric (``random_layer`` of the 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -44,20 +42,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 MS = (1, 4, 16, 64, 256)
-TEST_LAYERS = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "layers.py"
-
-
-@functools.cache
-def layer_helpers():
-    """``tests/helpers/layers.py``: ``random_layer``, ``error_bound`` (test code, not shipped).
-
-    Loaded by its path rather than by putting ``tests/`` on ``sys.path``, where the
-    ``tests/qe_vllm`` directory would shadow an editable install of ``qe_vllm``.
-    """
-    spec = importlib.util.spec_from_file_location("qe_test_layers", TEST_LAYERS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from layer_helpers import layer_helpers  # noqa: E402 - tests/helpers/layers.py, by path
 
 
 class _Layer(torch.nn.Module):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -134,20 +132,7 @@ def copies_to_defeat_l2(nbytes: int, device: torch.device) -> int:
 
 # --------------------------------------------------------------------------- kernel sweep
 
-TEST_LAYERS = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "layers.py"
-
-
-@functools.cache
-def layer_helpers():
-    """``tests/helpers/layers.py``: ``random_layer``, ``error_bound`` (test code, not shipped).
-
-    Loaded by its path rather than by putting ``tests/`` on ``sys.path``, where the
-    ``tests/qe_vllm`` directory would shadow an editable install of ``qe_vllm``.
-    """
-    spec = importlib.util.spec_from_file_location("qe_test_layers", TEST_LAYERS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from layer_helpers import layer_helpers  # noqa: E402 - tests/helpers/layers.py, by path
 
 
 def build_layer(variant: Variant, k: int, n: int, device: torch.device, seed: int):
@@ -469,7 +454,7 @@ def main() -> None:
     )
     parser.add_argument("--shapes", nargs="+", help=f"subset of {list(SHAPES)}")
     parser.add_argument("--ms", nargs="+", type=int, help=f"token counts (default {MS})")
-    parser.add_argument("--variants", nargs="+", help=f"subset of {[v.name for v in VARIANTS]}")
+    parser.add_argument("--variants", nargs="+", help="subset of " + ", ".join(repr(v.name) for v in VARIANTS).replace("%", "%%"))
     parser.add_argument(
         "--tune", action="store_true", help="tune a config per (shape, variant, M) first"
     )
