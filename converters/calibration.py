@@ -97,9 +97,8 @@ def load_text(source: str | None, fmt: str = "text", tokenizer: Any = None) -> s
     if fmt not in FORMATS:
         raise ValueError(f"--calib-format {fmt}: choose one of {', '.join(FORMATS)}")
     if source is None:
-        files = _bundled_files()
-        text = _join(f.read_text(encoding="utf-8") for f in files)
-        return _render([text], "text", tokenizer, "the bundled corpus") if fmt == "chat" else text
+        return _render([_join(f.read_text(encoding="utf-8") for f in _bundled_files())], fmt, tokenizer,
+                       "the bundled corpus")
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

@@ -77,6 +77,8 @@ def test_plain_text_is_not_taken_for_conversations(tok, tmp_path):
     (tmp_path / "a.txt").write_text("plain words")
     with pytest.raises(ValueError, match="needs conversations"):
         load_text(str(tmp_path / "a.txt"), "chat", tok)
+    with pytest.raises(ValueError, match="needs conversations"):
+        load_text(None, "chat", tok)  # the bundled corpus is plain text
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
