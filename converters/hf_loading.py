@@ -2,10 +2,19 @@
 
 A QuantEase checkpoint is evaluated from its bytes on disk: the model is built
 from its config and every quantized linear becomes a :class:`QuantEaseLinear`
-holding the *packed* tensors and dequantizing them on each call with the exact
-torch path vLLM also uses (``kernels/torch_linear.py``, tested against the
-format's reference meaning). That makes the perplexity of a converted checkpoint
-a check of the file, not of the converter's in-memory state.
+holding the *packed* tensors and dequantizing them with the exact torch path vLLM
+also uses (``kernels/torch_linear.py``, tested against the format's reference
+meaning). That makes the perplexity of a converted checkpoint a check of the file,
+not of the converter's in-memory state.
+
+Two ways to run those layers (``dequantize=``), same numbers bit for bit:
+
+* ``"per-call"`` (the default of :func:`load_quantease_model`): no dense weight is ever
+  resident; each call rebuilds the weight and drops it. Lean, and slow (a full
+  dequantization of every linear per forward pass).
+* ``"once"``: each layer's weight is dequantized once at load, in the same float32 pass,
+  cast once to the model's dtype and kept (a dense copy per linear, the memory of an
+  unquantized model); every call is then a plain ``F.linear``. What ``qe-eval`` uses.
 """
 
 from __future__ import annotations
@@ -25,7 +34,13 @@ from qe_vllm.format import (
     QuantEaseConfig,
     csr_rows,
 )
-from qe_vllm.kernels.torch_linear import flat_outlier_index, quantease_linear_torch
+from qe_vllm.kernels.torch_linear import (
+    dequantize_weight,
+    flat_outlier_index,
+    quantease_linear_torch,
+)
+
+DEQUANTIZE_MODES = ("per-call", "once")
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -65,12 +80,18 @@ def holds_packed_tensors(model_dir: Path) -> bool:
 
 
 class QuantEaseLinear(torch.nn.Module):
-    """A linear layer that keeps the packed QuantEase tensors and dequantizes on the fly.
+    """A linear layer that keeps the packed QuantEase tensors and dequantizes them.
 
     It holds the checkpoint's codes, scales and zero points as stored, outliers as flat
     ``row * in + col`` indices plus values, and runs the same exact torch path as vLLM's
-    ``QE_VLLM_KERNEL=torch`` (``kernels/torch_linear.quantease_linear_torch``): no dense
-    weight is ever kept, one is rebuilt per call and dropped.
+    ``QE_VLLM_KERNEL=torch`` (``kernels/torch_linear.quantease_linear_torch``): by default
+    no dense weight is ever kept, one is rebuilt per call and dropped.
+
+    After :meth:`cache_dense` the layer keeps the dense weight instead: the float32
+    dequantization cast once to a dtype, exactly the tensor the per-call path builds and
+    hands to ``F.linear``, so the outputs are identical. It is a plain attribute, not a
+    buffer (never in ``state_dict``); a call in another dtype or on another device rebuilds
+    it there (for ``x``'s dtype, as the per-call path would).
     """
 
     def __init__(
@@ -97,8 +118,26 @@ class QuantEaseLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(
                 torch.empty(out_features, dtype=bias_dtype), requires_grad=False
             )
+        self.dense: torch.Tensor | None = None  # set by cache_dense()
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[out, in]`` the per-call path multiplies by: the float32
+        dequantization plus outliers, cast to ``dtype``."""
+        with torch.no_grad():
+            return dequantize_weight(
+                self.qweight, self.scales, self.qzeros, self.outlier_index, self.outlier_val,
+                bits=self.qcfg.bits, group_size=self.qcfg.group_size, in_features=self.in_features,
+            ).to(dtype)
+
+    def cache_dense(self, dtype: torch.dtype) -> None:
+        """Dequantize now and keep the dense weight in ``dtype`` for every later call."""
+        self.dense = self.dequantized(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            if self.dense.dtype != x.dtype or self.dense.device != self.qweight.device:
+                self.cache_dense(x.dtype)
+            return torch.nn.functional.linear(x, self.dense, self.bias)
         return quantease_linear_torch(
             x, self.qweight, self.scales, self.qzeros, self.outlier_index, self.outlier_val,
             bits=self.qcfg.bits, group_size=self.qcfg.group_size, in_features=self.in_features,
@@ -107,17 +146,30 @@ class QuantEaseLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         q = self.qcfg
-        return f"in={self.in_features}, out={self.out_features}, bits={q.bits}, group_size={q.group_size}, sym={q.sym}"
+        mode = "once" if self.dense is not None else "per-call"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={q.bits}, "
+            f"group_size={q.group_size}, sym={q.sym}, dequantize={mode}"
+        )
 
 
 def load_quantease_model(
-    model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    *,
+    dequantize: str = "per-call",
 ):
     """A transformers causal LM whose quantized linears run from the checkpoint's packed tensors.
 
     The packed tensors keep their stored dtypes (int32 codes, float16 scales and
     outliers): the model is only moved to ``device``, never cast after loading.
+    ``dequantize``: ``"per-call"`` keeps no dense weight (each call rebuilds it);
+    ``"once"`` dequantizes every quantized linear once, on ``device``, into a dense
+    weight in ``dtype`` kept for all calls (same outputs, one dense copy per linear).
     """
+    if dequantize not in DEQUANTIZE_MODES:
+        raise ValueError(f"dequantize={dequantize!r}: expected one of {DEQUANTIZE_MODES}")
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -144,14 +196,26 @@ def load_quantease_model(
         raise ValueError(
             f"{model_dir}: checkpoint does not match its config (unexpected {unexpected}, missing {untouched})"
         )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if dequantize == "once":
+        for m in model.modules():
+            if isinstance(m, QuantEaseLinear):
+                m.cache_dense(dtype)
+    return model
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
-    """Original checkpoints through ``from_pretrained``; QuantEase checkpoints from their packed tensors."""
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    *,
+    dequantize: str = "per-call",
+):
+    """Original checkpoints through ``from_pretrained``; QuantEase checkpoints from their packed
+    tensors (``dequantize``: see :func:`load_quantease_model`; unused for originals)."""
     path = resolve_model(model_dir)
     if is_quantease_checkpoint(path) or holds_packed_tensors(path):
-        return load_quantease_model(path, dtype, device)
+        return load_quantease_model(path, dtype, device, dequantize=dequantize)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

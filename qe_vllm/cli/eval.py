@@ -3,7 +3,10 @@
 The text is taken as given, tokenized without special tokens and cut into
 non-overlapping windows of ``--seqlen`` tokens; ``ppl = exp(mean NLL)`` over all
 predicted tokens. A QuantEase checkpoint is evaluated from its packed tensors on
-disk (``qe_vllm.converters.hf_loading``), not from a dense copy.
+disk (``qe_vllm.converters.hf_loading``), not from a dense checkpoint: by default
+(``--dequantize once``) each quantized linear is dequantized once at load and the dense
+weight kept, which gives the same numbers as ``--dequantize per-call`` (no dense weight
+resident, every forward pass dequantizes every linear again: lean and much slower).
 
 With ``--server URL`` nothing is loaded locally: each window is sent as token ids to
 the server's OpenAI ``/v1/completions`` endpoint with ``echo``, ``logprobs`` and
@@ -33,7 +36,12 @@ from pathlib import Path
 import torch
 
 from qe_vllm.converters.calibration import load_text, tokenize
-from qe_vllm.converters.hf_loading import is_quantease_checkpoint, load_model, resolve_model
+from qe_vllm.converters.hf_loading import (
+    DEQUANTIZE_MODES,
+    is_quantease_checkpoint,
+    load_model,
+    resolve_model,
+)
 from qe_vllm.converters.pipeline import pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,9 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     a(
+        "--dequantize",
+        choices=DEQUANTIZE_MODES,
+        default="once",
+        help="QuantEase checkpoint: dequantize each linear once at load and keep the dense "
+        "weight (fast, the memory of an unquantized model), or per-call (no dense weight "
+        "resident, every forward pass dequantizes again); same numbers (default %(default)s)",
+    )
+    a(
         "--server",
         help="score through this OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of "
-        "loading the model; --model is then the served model name, --dtype/--device are unused",
+        "loading the model; --model is then the served model name, --dtype/--device/--dequantize "
+        "are unused",
     )
     a(
         "--tokenizer",
@@ -199,7 +216,7 @@ def server_perplexity(
 
 def evaluate(
     model_name: str, data: str, seqlen: int, windows: int | None, dtype: str, device: str,
-    server: str | None = None, tokenizer: str | None = None,
+    server: str | None = None, tokenizer: str | None = None, dequantize: str = "once",
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -224,11 +241,13 @@ def evaluate(
     dev = pick_device(device)
     tokens = tokenize(AutoTokenizer.from_pretrained(path), load_text(data))
     n = _window_count(tokens, data, seqlen, windows)
-    model = load_model(path, DTYPES[dtype], dev)
+    model = load_model(path, DTYPES[dtype], dev, dequantize=dequantize)
     ppl, scored = perplexity(model, tokens, seqlen, n, dev)
+    quantized = is_quantease_checkpoint(path)
     return {
         "model": str(path),
-        "quantized": is_quantease_checkpoint(path),
+        "quantized": quantized,
+        **({"dequantize": dequantize} if quantized else {}),
         "data": data,
         "seqlen": seqlen,
         "windows": n,
@@ -427,13 +446,15 @@ def server_lm(url: str, model_name: str, tokenizer: Path, batch_size: int):
     )
 
 
-def local_lm(path: Path, dtype: str, device: torch.device, batch_size: int):
+def local_lm(
+    path: Path, dtype: str, device: torch.device, batch_size: int, dequantize: str = "once"
+):
     """``HFLM`` around the model :func:`load_model` builds, the one perplexity scores: a
-    QuantEase checkpoint runs from its packed tensors, not from a dense copy."""
+    QuantEase checkpoint runs from its packed tensors (dequantized ``dequantize``)."""
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    model = load_model(path, DTYPES[dtype], device)
+    model = load_model(path, DTYPES[dtype], device, dequantize=dequantize)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
@@ -487,7 +508,7 @@ def format_table(metrics: dict[str, dict]) -> str:
 def evaluate_tasks(
     model_name: str, tasks: list[str], include_path: Path | None, limit: int | None,
     num_fewshot: int, batch_size: int, dtype: str, device: str,
-    server: str | None = None, tokenizer: str | None = None,
+    server: str | None = None, tokenizer: str | None = None, dequantize: str = "once",
 ) -> dict:
     """Accuracy of a local model or of ``server`` on lm-eval ``tasks`` (see module doc)."""
     lm_eval = import_lm_eval()
@@ -502,8 +523,10 @@ def evaluate_tasks(
     else:
         path = resolve_model(model_name)
         dev = pick_device(device)
-        lm = local_lm(path, dtype, dev, batch_size)
-        source = {"model": str(path), "quantized": is_quantease_checkpoint(path),
+        lm = local_lm(path, dtype, dev, batch_size, dequantize)
+        quantized = is_quantease_checkpoint(path)
+        source = {"model": str(path), "quantized": quantized,
+                  **({"dequantize": dequantize} if quantized else {}),
                   "dtype": dtype, "device": str(dev)}
     results = lm_eval.simple_evaluate(
         model=lm, tasks=objects, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
@@ -531,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(
             args.model, args.data, args.seqlen, args.windows, args.dtype, args.device,
-            server=args.server, tokenizer=args.tokenizer,
+            server=args.server, tokenizer=args.tokenizer, dequantize=args.dequantize,
         )
     except (ValueError, OSError) as e:
         print(f"qe-eval: error: {e}", file=sys.stderr)
@@ -556,7 +579,7 @@ def _main_tasks(args: argparse.Namespace) -> int:
         result = evaluate_tasks(
             args.model, parse_task_list(args.tasks), args.include_path, args.limit,
             args.num_fewshot, args.batch_size, args.dtype, args.device,
-            server=args.server, tokenizer=args.tokenizer,
+            server=args.server, tokenizer=args.tokenizer, dequantize=args.dequantize,
         )
     except (ValueError, OSError) as e:
         print(f"qe-eval: error: {e}", file=sys.stderr)

@@ -43,6 +43,12 @@ def test_converted_checkpoint_matches_dense_reference(smollm2_2blocks, eval_text
     quant = _qe_eval(converted, eval_text, tmp_path, "quant")
     assert original["quantized"] is False and quant["quantized"] is True
     assert quant["windows"] == 2 and quant["tokens_scored"] == 2 * 255
+    # qe-eval dequantizes each linear once at load; the lean per-call path gives the same number.
+    assert quant["dequantize"] == "once" and "dequantize" not in original
+    per_call = cli.evaluate(
+        str(converted), eval_text, 256, 2, "float32", "cpu", dequantize="per-call"
+    )
+    assert per_call["dequantize"] == "per-call" and per_call["ppl"] == quant["ppl"]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
