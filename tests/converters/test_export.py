@@ -121,5 +121,5 @@ def test_stock_vllm_serves_export_like_the_plugin(smollm2_2blocks: Path, tmp_pat
     ckpt = convert(smollm2_2blocks, tmp_path / "qe", "--bits", "4", "--group-size", "128", "--outlier-fraction", "0")
     export_compressed_tensors(ckpt, tmp_path / "ct")
     plugin = generate(ckpt, tmp_path / "qe.json", quantization="quantease")
-    stock = generate(tmp_path / "ct", tmp_path / "ct.json", env={"VLLM_PLUGINS": "none"})
+    stock = generate(tmp_path / "ct", tmp_path / "ct.json", env={"VLLM_PLUGINS": "none"}, fresh=True)
     assert_same_generation(plugin, stock, logprob_tol=GEMM_DRIFT_TOL)

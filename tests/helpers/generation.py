@@ -1,21 +1,29 @@
-"""vLLM generations in fresh processes, and how to compare two of them.
+"""vLLM generations outside the pytest process, and how to compare two of them.
 
-``generate`` runs ``vllm_generate.py`` (next to this file) in a subprocess, so every model
-gets a clean vLLM; the script lives here, not in ``tests/``, because a script's directory
-is the first entry of its ``sys.path`` and ``tests/qe_vllm`` would shadow the package.
-Used by the slow tests in tests/qe_vllm/test_vllm_method.py, tests/qe_vllm/test_reliability_vllm.py,
+``generate`` hands a job to one long-lived worker process (``vllm_generate.py --worker``,
+next to this file), started on first use and shared by the whole test session: every
+engine starts in that process, so only the first generation pays for importing vLLM.
+``fresh=True`` runs a job in a process of its own instead, for what a shared process
+cannot give: a vLLM that never loaded our plugin (``VLLM_PLUGINS=none``). The script
+lives here, not in ``tests/``, because a script's directory is the first entry of its
+``sys.path`` and ``tests/qe_vllm`` would shadow the package. Used by the slow tests in
+tests/qe_vllm/test_vllm_method.py, tests/qe_vllm/test_reliability_vllm.py,
 tests/converters/test_export.py and tests/converters/test_transformers_loading.py.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 GENERATE = Path(__file__).with_name("vllm_generate.py")
+JOB_TIMEOUT = 600
 
 # Logprob drift that is not ours: vLLM's CPU platform runs dense layers through its own
 # GEMMs (oneDNN / sgl-kernel, chosen by shape) while the quantease paths call F.linear
@@ -25,18 +33,78 @@ GENERATE = Path(__file__).with_name("vllm_generate.py")
 GEMM_DRIFT_TOL = 0.15
 
 
+def _serving_env() -> dict[str, str]:
+    """The tests' environment as a user's would be: without the Triton interpreter that
+    tests/conftest.py exports."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+class Worker:
+    """The session's generation process: jobs in on stdin, answers on a pipe, logs to a file."""
+
+    def __init__(self) -> None:
+        self.log = Path(tempfile.mkdtemp(prefix="vllm-worker-")) / "worker.log"
+        read_fd, write_fd = os.pipe()
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(GENERATE), "--worker", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+                pass_fds=(write_fd,), env=_serving_env(),
+            )
+        os.close(write_fd)
+        self.replies = os.fdopen(read_fd)
+
+    def run(self, job: dict) -> dict:
+        """Send ``job``; its answer, or a failure naming the worker's last log lines."""
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.replies], [], [], JOB_TIMEOUT)
+        line = self.replies.readline() if ready else ""
+        if not line:
+            self.stop()
+            return {"ok": False, "error": "the vLLM worker died or timed out:\n" + self.tail()}
+        return json.loads(line)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_worker: Worker | None = None
+
+
+def _shared_worker() -> Worker:
+    global _worker
+    if _worker is None or _worker.proc.poll() is not None:
+        _worker = Worker()
+        atexit.register(_worker.stop)
+    return _worker
+
+
 def generate(
     model: Path, out: Path, *, tp: int = 1, mode: str = "eager", quantization: str | None = None,
-    env: dict[str, str] | None = None, dtype: str = "bfloat16",
+    env: dict[str, str] | None = None, dtype: str = "bfloat16", fresh: bool = False,
 ) -> list[dict]:
-    cmd = [sys.executable, str(GENERATE), str(model), str(out), "--tp", str(tp), "--mode", mode,
-           "--dtype", dtype]
-    if quantization:
-        cmd += ["--quantization", quantization]
-    # Serve as a user would: without the Triton interpreter that tests/conftest.py exports.
-    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**base, **(env or {})})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """Greedy generations of ``model`` on ``vllm_generate.PROMPTS``, written to ``out`` and returned."""
+    if fresh:
+        cmd = [sys.executable, str(GENERATE), str(model), str(out), "--tp", str(tp), "--mode", mode,
+               "--dtype", dtype] + (["--quantization", quantization] if quantization else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+                              env={**_serving_env(), **(env or {})})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    else:
+        job = {"model": str(model), "out": str(out), "tp": tp, "mode": mode,
+               "quantization": quantization, "dtype": dtype, "env": env or {}}
+        answer = _shared_worker().run(job)
+        assert answer["ok"], answer["error"]
     return json.loads(out.read_text())
 
 

@@ -217,25 +217,36 @@ def test_kernel_op_path_under_vllm(tiny_llama: Path, tmp_path: Path) -> None:
     assert_same_generation(got, want, logprob_tol=2e-2, prompt_tol=2e-2)
 
 
-def _engine_config_error(model: Path, quantization: str | None) -> str:
-    """Build vLLM's engine config (no engine start) and return the error text, '' if none."""
+def _engine_config_errors(cases: list[tuple[Path, str | None]]) -> list[str]:
+    """Build vLLM's engine config (no engine start) for each ``(model, quantization)``, in one process.
+
+    Returns each case's error text, '' where the config was accepted.
+    """
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from vllm.engine.arg_utils import EngineArgs\n"
-        "try:\n"
-        f"    EngineArgs(model={str(model)!r}, quantization={quantization!r}, max_model_len=128).create_engine_config()\n"
-        "except Exception as e:\n"
-        "    print(f'ERROR: {e}'); sys.exit(0)\n"
+        "errors = []\n"
+        "for model, quantization in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        EngineArgs(model=model, quantization=quantization, max_model_len=128).create_engine_config()\n"
+        "        errors.append('')\n"
+        "    except Exception as e:\n"
+        "        errors.append(str(e) or type(e).__name__)\n"
+        "print('ERRORS: ' + json.dumps(errors))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    arg = json.dumps([[str(m), q] for m, q in cases])
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.split("ERROR: ", 1)[1] if "ERROR: " in proc.stdout else ""
+    return json.loads(proc.stdout.rsplit("ERRORS: ", 1)[1].splitlines()[0])
 
 
 def test_quantization_flag_must_agree_with_checkpoint(tiny_llama: Path, tmp_path: Path) -> None:
     ckpt = convert(tiny_llama, tmp_path / "qe", "--bits", "4", "--group-size", "64")
-    assert _engine_config_error(ckpt, None) == ""  # plain `vllm serve CKPT` detects quantease
-    assert _engine_config_error(ckpt, "quantease") == ""
-    assert "does not match" in _engine_config_error(ckpt, "awq")
-    assert "quantease" in _engine_config_error(tiny_llama, "quantease")
+    detected, named, other, plain = _engine_config_errors(
+        [(ckpt, None), (ckpt, "quantease"), (ckpt, "awq"), (tiny_llama, "quantease")]
+    )
+    assert detected == ""  # plain `vllm serve CKPT` detects quantease
+    assert named == ""
+    assert "does not match" in other
+    assert "quantease" in plain
