@@ -187,3 +187,14 @@ def smollm2_w4_o1(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bits/weight" in proc.stdout
     return ckpt
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, each module's own order kept.
+
+    pytest-xdist (``--dist loadscope``, pyproject.toml) hands whole modules to whichever
+    process is free, in this order: starting with the long vLLM modules lets the short ones
+    fill in at the end, instead of one process finishing a soak alone.
+    """
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
