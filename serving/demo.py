@@ -4,7 +4,7 @@ Phases (each timed):
 
 1. default model — ``<cache>/models/SmolLM2-135M-Instruct`` (bf16), prepared by
    ``serving/setup.sh``; prepared here if missing.
-2. convert — ``qe-convert --model <model> --output <cache>/ckpt/smollm2-w4-o1 --bits 4
+2. convert — ``qe-convert --model <model> --output <cache>/ckpt/smollm2-quantease-w4g128-o1 --bits 4
    --group-size 128 --outlier-fraction 0.01 --nsamples 16 --seqlen 512``: QuantEase (the
    default method) calibrated on the corpus bundled with the package, on 16 windows so the
    demo fits in a few minutes on 2 CPU cores (the converter's own default is 128 x 2048);
@@ -76,6 +76,16 @@ def perplexity(model: Path, out: Path) -> float:
     return float(json.loads(out.read_text())["ppl"])
 
 
+def ckpt_name(args: argparse.Namespace) -> str:
+    """The cache name of the checkpoint ``args`` describe, e.g. ``smollm2-quantease-w4g128-o1``.
+
+    Every setting ``made_like`` checks is in the name, so the demo (QuantEase) and the soak
+    (RTN) keep a checkpoint each instead of reconverting over one another.
+    """
+    pct = f"{args.outlier_fraction * 100:g}".replace(".", "p")
+    return f"smollm2-{args.method}-w{args.bits}g{args.group_size}-o{pct}"
+
+
 def made_like(ckpt: Path, args: argparse.Namespace) -> bool:
     """Whether ``ckpt``'s provenance records this demo's method and settings (else: reconvert)."""
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=paths.default_model_dir())
     ap.add_argument("--ckpt", type=Path, default=None,
-                    help="quantized checkpoint dir (default: <cache>/ckpt/smollm2-w<bits>-o<pct>)")
+                    help="quantized checkpoint dir (default: <cache>/ckpt/smollm2-<method>-w<bits>g<group>-o<pct>)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--method", default="quantease", choices=("quantease", "gptq", "rtn"))
@@ -166,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, quant_args = model, []
         log("--no-quant: serving the bf16 model")
     else:
-        pct = f"{args.outlier_fraction * 100:g}".replace(".", "p")
-        ckpt = (args.ckpt or paths.ckpt_dir(f"smollm2-w{args.bits}-o{pct}")).expanduser().resolve()
+        ckpt = (args.ckpt or paths.ckpt_dir(ckpt_name(args))).expanduser().resolve()
         log(convert(model, ckpt, args))
         quant_args = ["--quantization", "quantease"]
     timings["convert"] = time.monotonic() - t

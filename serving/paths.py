@@ -42,7 +42,7 @@ def default_model_dir() -> Path:
 
 
 def ckpt_dir(name: str) -> Path:
-    """Directory for a quantized checkpoint called ``name`` (e.g. ``smollm2-w4-o1``)."""
+    """Directory for a quantized checkpoint called ``name`` (e.g. ``smollm2-rtn-w4g128-o1``)."""
     return cache_dir() / "ckpt" / name
 
 

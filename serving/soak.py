@@ -133,14 +133,14 @@ def ensure_checkpoint(args: argparse.Namespace) -> Path:
     """The checkpoint to serve: ``--ckpt``, or SmolLM2 converted once into the cache."""
     if args.ckpt:
         return args.ckpt.expanduser().resolve()
-    from serving.demo import convert
+    from serving.demo import ckpt_name, convert
 
     model = args.model.expanduser().resolve()
     if not (model / "config.json").is_file():
         raise SystemExit(f"soak: {model} is not prepared; run `bash serving/setup.sh` first")
-    ckpt = paths.ckpt_dir("smollm2-w4-o1")
     how = Namespace(bits=4, group_size=128, method="rtn", outlier_fraction=0.01, reconvert=False,
                     convert_timeout=1200)
+    ckpt = paths.ckpt_dir(ckpt_name(how))
     print(f"[soak] {convert(model, ckpt, how)}", flush=True)
     return ckpt
 

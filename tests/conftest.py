@@ -28,6 +28,28 @@ os.environ.update(OFFLINE_ENV)
 # interpreted kernel. Test files collected earlier import transformers, which imports triton.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _one_core_set_per_test_process() -> None:
+    """Pin each pytest-xdist process, and every process it starts, to cores of its own.
+
+    vLLM's CPU backend binds one OpenMP thread to every core the process may use, and torch
+    starts as many intra-op threads. Two test processes each running a server or an engine
+    on the same 2 cores oversubscribe them, and the spinning OpenMP threads slow both down
+    several times over: ``serving/soak.py``'s CI soak takes about 60 s alone and took 287 s
+    beside another vLLM test. Children inherit the affinity, and vLLM's automatic binding
+    (``VLLM_CPU_OMP_THREADS_BIND=auto``) only picks cores the process is allowed.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    cores = sorted(os.sched_getaffinity(0))
+    if worker is None or count is None or len(cores) < int(count):
+        return
+    mine = cores[int(worker.removeprefix("gw")) :: int(count)]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+
+
+_one_core_set_per_test_process()
 if torch.cpu._is_amx_tile_supported():  # vLLM's AMX attention is broken here: tests/vllm_site
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(TESTS / "vllm_site"), os.environ.get("PYTHONPATH")])
@@ -189,12 +211,34 @@ def smollm2_w4_o1(tmp_path_factory) -> Path:
     return ckpt
 
 
+# The slow modules, longest first: seconds each took in a full run on the 2-core machine
+# (`pytest -p` with a per-test timeline, this session's tests/README.md).
+LONGEST_FIRST = (
+    "test_vllm_method",  # 384
+    "test_serving_api",  # 143
+    "test_serve_e2e",  # 110
+    "test_eval_tasks",  # 105
+    "test_export",  # 105
+    "test_soak_short",  # 83
+    "test_reliability_vllm",  # 47
+    "test_transformers_loading",  # 42
+    "test_server_harness",  # 40
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first, each module's own order kept.
+    """The long modules first, longest first, then any other module with slow tests; each
+    module's own order kept.
 
     pytest-xdist (``--dist loadscope``, pyproject.toml) hands whole modules to whichever
     process is free, in this order: starting with the long vLLM modules lets the short ones
     fill in at the end, instead of one process finishing a soak alone.
     """
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.module.__name__
+        known = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return known, name not in slow
+
+    items.sort(key=rank)

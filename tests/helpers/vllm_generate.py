@@ -49,8 +49,9 @@ def job_env(job: dict) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    if job["tp"] > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(job["tp"]))
+    if job["tp"] > 1:  # the ranks share the cores this process may use (tests/conftest.py pins it)
+        cores = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[i % len(cores)]) for i in range(job["tp"]))
     if job["mode"] == "dynamo":  # fullgraph Dynamo trace with the eager backend: no C++ build
         env["VLLM_CPU_CI_ENV"] = "1"
     return {**env, **job.get("env", {})}
