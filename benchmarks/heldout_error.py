@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,7 +89,12 @@ def input_sigmas(model, windows: torch.Tensor, layers: tuple[str, ...]) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / ".cache/models/SmolLM2-135M-Instruct")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("QE_DATA_DIR", ROOT.parent / "shared" / "data")),
+        help="text data directory (default: $QE_DATA_DIR, else %(default)s)",
+    )
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows per source")
     ap.add_argument("--test-windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)

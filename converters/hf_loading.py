@@ -153,6 +153,25 @@ class QuantEaseLinear(torch.nn.Module):
         )
 
 
+def renamed(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under the model's names, after transformers' renamings of checkpoint keys.
+
+    Some architectures keep legacy tensor names on disk that ``from_pretrained`` renames
+    (GPT-NeoX stores its ``lm_head`` as ``embed_out``); the tensors this loader sets
+    itself must be renamed the same way.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renames = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+    out = {}
+    for key, tensor in tensors.items():
+        for rename in renames:
+            key, _ = rename.rename_source_key(key)
+        out[key] = tensor
+    return out
+
+
 def load_quantease_model(
     model_dir: str | Path,
     dtype: torch.dtype,
@@ -188,9 +207,10 @@ def load_quantease_model(
             tensors, ckpt.qcfg, out_f, in_f, None if bias is None else bias.dtype
         )
         setattr(model.get_submodule(parent), child, layer)
-    missing, unexpected = model.load_state_dict(ckpt.others, strict=False)
+    others = renamed(model, ckpt.others)
+    missing, unexpected = model.load_state_dict(others, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in ckpt.others if k in params}
+    loaded = {id(params[k]) for k in others if k in params}
     untouched = [k for k in missing if k in params and id(params[k]) not in loaded]
     if unexpected or untouched:
         raise ValueError(

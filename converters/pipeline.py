@@ -38,8 +38,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -50,8 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from qe_vllm.converters import architectures
-from qe_vllm.converters.architectures import Architecture, get_module
+from qe_vllm.converters import walking
 from qe_vllm.converters.calibration import Calibration, calibration_set, describe
 from qe_vllm.converters.checkpoint import (
     check_output,
@@ -69,6 +66,7 @@ from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
 from qe_vllm.converters.statistics import block_statistics
+from qe_vllm.converters.walking import BlockCall, Layout, block_linears, borrowed, call_block, linear_groups
 from qe_vllm.format import COL_IDX, QuantEaseConfig
 
 log = logging.getLogger(__name__)
@@ -127,106 +125,19 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) ->
 # --------------------------------------------------------------------------- running blocks
 
 
-@contextmanager
-def borrowed(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Run ``modules`` on ``device`` in float32 using copies; the CPU originals come back untouched.
-
-    Swapping tensors (instead of ``module.to``) keeps the original parameters,
-    in their original dtype, for the checkpoint writer, and lets the pipeline
-    write quantized weights into the copy without touching the source model.
-    """
-    saved = []
-    for root in modules:
-        for m in root.modules():
-            for store in (m._parameters, m._buffers):
-                for name, t in list(store.items()):
-                    if t is None:
-                        continue
-                    saved.append((store, name, t))
-                    copy = t.detach().to(
-                        device, torch.float32 if t.is_floating_point() else t.dtype
-                    )
-                    store[name] = (
-                        torch.nn.Parameter(copy, requires_grad=False)
-                        if isinstance(t, torch.nn.Parameter)
-                        else copy
-                    )
-    try:
-        yield
-    finally:
-        for store, name, t in saved:
-            store[name] = t
-
-
-class _BlockInputs(Exception):
-    """Raised by the catcher once block 0 has seen its input."""
-
-
-class _Catcher(torch.nn.Module):
-    def __init__(self, keep: tuple[str, ...]) -> None:
-        super().__init__()
-        self.keep = keep
-        self.hidden: torch.Tensor | None = None
-        self.kwargs: dict[str, Any] = {}
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        self.hidden = hidden_states
-        self.kwargs = {k: kwargs.get(k) for k in self.keep}
-        raise _BlockInputs
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
-
-
-def capture_block_inputs(
-    model: torch.nn.Module, arch: Architecture, windows: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Block-0 inputs ``[n, seqlen, hidden]`` (float32, CPU) and the kwargs every block is called with."""
-    blocks = get_module(model, arch.blocks)
-    first = blocks[0]
-    catcher = _Catcher(arch.block_kwargs)
-    blocks[0] = catcher
-    pre = [m for p in arch.pre_block if (m := get_module(model, p)) is not None]
-    acts = None
-    try:
-        with borrowed(pre, device):
-            for j in tqdm(range(windows.shape[0]), desc="capture block-0 inputs", leave=False):
-                try:
-                    model(input_ids=windows[j : j + 1].to(device), use_cache=False)
-                except _BlockInputs:
-                    pass
-                if acts is None:
-                    acts = torch.empty(
-                        windows.shape[0], *catcher.hidden.shape[1:], dtype=torch.float32
-                    )
-                acts[j] = catcher.hidden[0].float().cpu()
-    finally:
-        blocks[0] = first
-    return acts, _to(catcher.kwargs, torch.device("cpu"))
-
-
-def run_block(
-    block: torch.nn.Module, acts: torch.Tensor, kwargs: dict[str, Any], *, into: torch.Tensor
-) -> None:
-    """Feed every sample through ``block`` (on ``kwargs``' device); write the outputs to ``into``."""
+def run_block(block: torch.nn.Module, acts: torch.Tensor, call: BlockCall, *, into: torch.Tensor) -> None:
+    """Feed every sample through ``block`` (on ``call``'s device); write the outputs to ``into``."""
     device = next(block.parameters()).device
     for j in range(acts.shape[0]):
-        y = block(acts[j : j + 1].to(device), **kwargs)
-        into[j] = (y[0] if isinstance(y, tuple) else y)[0].float().cpu()
+        into[j] = call_block(block, acts[j : j + 1].to(device), call)[0].float().cpu()
 
 
 def quantize_block(
     block: torch.nn.Module,
-    arch: Architecture,
     opts: ConvertOptions,
     device: torch.device,
     acts: dict[str, torch.Tensor] | None,
-    kwargs: dict[str, Any],
+    call: BlockCall | None,
     label: str,
 ) -> tuple[dict[str, QuantResult], dict[str, float | None]]:
     """Solve every linear of one block; with calibration, advance ``acts`` in place to its outputs.
@@ -234,27 +145,32 @@ def quantize_block(
     ``acts["hidden"]`` are the block's inputs in the model quantized so far;
     with error propagation ``acts["hidden_fp"]`` are the same samples' inputs
     in the full-precision model, which a full-precision copy of the block
-    advances alongside. True-sequential: each group of linears sharing an
-    input is calibrated on the block with every earlier group already
-    quantized; otherwise all groups are calibrated on the unquantized block.
+    advances alongside. The linears are grouped by the input they share
+    (``converters/walking.py``, on the first sample). True-sequential: each group
+    is calibrated on the block with every earlier group already quantized;
+    otherwise all groups are calibrated on the unquantized block.
     """
     results: dict[str, QuantResult] = {}
     errors: dict[str, float | None] = {}
-    kw = _to(kwargs, device)
-    bar = tqdm(total=len(arch.linears), desc=label, leave=False)
     with borrowed([block], device):
+        if acts is None:  # nothing to calibrate: every linear on its own
+            groups = tuple((name,) for name in block_linears(block))
+        else:
+            call = walking.to_device(call, device)
+            groups = linear_groups(block, acts["hidden"][:1].to(device), call)
+        bar = tqdm(total=sum(map(len, groups)), desc=label, leave=False)
         fp_block = copy.deepcopy(block) if acts is not None and "hidden_fp" in acts else None
-        stages = [[g] for g in arch.input_groups] if opts.true_sequential else [arch.input_groups]
+        stages = [[g] for g in groups] if opts.true_sequential else [groups]
         for stage in stages:
             stats = {}
             if acts is not None:
                 stats = block_statistics(
-                    block, [g[0] for g in stage], acts["hidden"], kw, device,
+                    block, [g[0] for g in stage], acts["hidden"], call, device,
                     fp_block=fp_block, fp_acts=acts.get("hidden_fp"), label=label,
                 )
             for group in stage:
                 for name in group:
-                    lin = get_module(block, name)
+                    lin = block.get_submodule(name)
                     w = lin.weight.detach()
                     st = stats.get(group[0])
                     res = solve(w, st, opts)
@@ -267,10 +183,10 @@ def quantize_block(
                     results[name] = res
                     bar.update()
         if acts is not None:
-            run_block(block, acts["hidden"], kw, into=acts["hidden"])
+            run_block(block, acts["hidden"], call, into=acts["hidden"])
             if fp_block is not None:
-                run_block(fp_block, acts["hidden_fp"], kw, into=acts["hidden_fp"])
-    bar.close()
+                run_block(fp_block, acts["hidden_fp"], call, into=acts["hidden_fp"])
+        bar.close()
     return results, errors
 
 
@@ -304,16 +220,17 @@ class WorkDir:
         progress = self.path / "progress.json"
         return json.loads(progress.read_text())["next_block"] if progress.exists() else 0
 
-    def save_kwargs(self, kwargs: dict[str, Any]) -> None:
-        tmp = self.path / "block_kwargs.pt.tmp"
+    def save_calls(self, calls: list[BlockCall]) -> None:
+        tmp = self.path / "block_calls.pt.tmp"
         with writing(tmp):
-            torch.save(kwargs, tmp)
-        os.replace(tmp, self.path / "block_kwargs.pt")
+            torch.save([(c.args, c.kwargs) for c in calls], tmp)
+        os.replace(tmp, self.path / "block_calls.pt")
 
-    def load_acts(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Inputs of block ``i`` (saved when block ``i - 1`` finished) and the block kwargs."""
+    def load_acts(self, i: int) -> tuple[dict[str, torch.Tensor], list[BlockCall]]:
+        """Inputs of block ``i`` (saved when block ``i - 1`` finished) and how every block is called."""
         acts = load_file(str(self._inputs_file(i)))
-        return acts, torch.load(self.path / "block_kwargs.pt", weights_only=True)
+        calls = torch.load(self.path / "block_calls.pt", weights_only=True)
+        return acts, [BlockCall(args, kwargs) for args, kwargs in calls]
 
     def save_block(
         self,
@@ -369,16 +286,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def quantized_weights(tensors: dict[str, torch.Tensor], arch: Architecture) -> dict[str, torch.Tensor]:
-    """The weight of every linear the conversion will quantize, by module name."""
-    suffixes = tuple(f".{name}.weight" for name in arch.linears)
-    return {
-        k.removesuffix(".weight"): t
-        for k, t in sorted(tensors.items())
-        if k.startswith(arch.blocks + ".") and k.endswith(suffixes) and t.dim() == 2
-    }
-
-
 def check_fits(
     opts: ConvertOptions, hf_config: dict[str, Any], weights: dict[str, torch.Tensor]
 ) -> None:
@@ -417,9 +324,7 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"the model's tensor {name} holds NaN or Inf; refusing to quantize it")
 
 
-def quant_config(
-    opts: ConvertOptions, arch: Architecture, provenance: dict[str, Any] | None = None
-) -> QuantEaseConfig:
+def quant_config(opts: ConvertOptions, provenance: dict[str, Any] | None = None) -> QuantEaseConfig:
     return QuantEaseConfig(
         bits=opts.bits,
         group_size=opts.group_size,
@@ -427,7 +332,7 @@ def quant_config(
         outlier_fraction=opts.outlier_fraction,
         outlier_structure=opts.outlier_structure,
         outlier_dtype=OUTLIER_DTYPE,
-        modules_to_not_convert=list(arch.not_converted),
+        modules_to_not_convert=list(walking.KEEP),
         provenance=provenance or {},
     )
 
@@ -473,8 +378,9 @@ def convert(
         raise ValueError(
             f"{source} is already quantized ({quantized}); pass the original model to --model"
         )
-    arch_name, arch = architectures.lookup(hf_config)
-    quant_config(opts, arch)  # validates bits / group size / outliers before any work
+    walking.check_supported(hf_config)
+    arch_name = ", ".join(hf_config.get("architectures") or [str(hf_config.get("model_type"))])
+    quant_config(opts)  # validates bits / group size / outliers before any work
     dev = pick_device(device)
     check_output(output, overwrite=overwrite, resume=resume)
     original = read_tensors(source)
@@ -490,43 +396,46 @@ def convert(
         )
         log.info(calib.summary())
         windows = calib.windows
-    check_fits(opts, hf_config, quantized_weights(original, arch))
     net = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
     net.eval()
-    blocks = get_module(net, arch.blocks)
-    names = [f"{arch.blocks}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears]
+    lay = walking.layout(net)
+    blocks = net.get_submodule(lay.blocks)
+    names = [f"{lay.blocks}.{i}.{name}" for i in range(len(blocks)) for name in lay.linears]
     if missing := [n for n in names if f"{n}.weight" not in original]:
         raise ValueError(
-            f"{source}: no tensor {missing[0]}.weight; its key layout is not {arch_name}'s"
+            f"{source}: no tensor {missing[0]}.weight; its tensor names do not follow the "
+            f"module names of {arch_name}"
         )
+    check_fits(opts, hf_config, {n: original[f"{n}.weight"] for n in names})
+    log.info("%d blocks at %s, each with linears %s", len(blocks), lay.blocks, ", ".join(lay.linears))
     staging = prepare_partial(output, overwrite=overwrite, resume=resume)
     work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)})
     first = work.next_block
-    qcfg = quant_config(opts, arch)
-    acts, kwargs = None, {}
+    qcfg = quant_config(opts)
+    acts, calls = None, [None] * len(blocks)
     with torch.no_grad(), exact_matmul():
         if opts.calibrated and first == 0:
-            hidden, kwargs = capture_block_inputs(net, arch, windows, dev)
+            hidden, calls = walking.capture_block_inputs(net, lay.blocks, windows, dev)
             acts = {"hidden": hidden}
             if opts.propagation > 0:
                 acts["hidden_fp"] = hidden.clone()
-            work.save_kwargs(kwargs)
+            work.save_calls(calls)
         elif opts.calibrated and first < len(blocks):
-            acts, kwargs = work.load_acts(first)
+            acts, calls = work.load_acts(first)
         for i in tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks)):
-            label = f"{arch.blocks}.{i}"
-            results, errors = quantize_block(blocks[i], arch, opts, dev, acts, kwargs, label)
+            label = f"{lay.blocks}.{i}"
+            results, errors = quantize_block(blocks[i], opts, dev, acts, calls[i], label)
             tensors = {
                 f"{n}.{k}": v for n, r in results.items() for k, v in r.to_tensors(qcfg).items()
             }
             work.save_block(i, tensors, errors, acts)
 
-    state, errors = assemble(work, original, arch, len(blocks))
+    state, errors = assemble(work, original, lay, len(blocks))
     report = ConvertReport(
         output=output,
         source=source,
         architecture=arch_name,
-        qcfg=quant_config(opts, arch, provenance(opts, model, arch_name, errors, calib)),
+        qcfg=quant_config(opts, provenance(opts, model, arch_name, errors, calib)),
         shapes={n: tuple(original[f"{n}.weight"].shape) for n in names},
         nnz={n: state[f"{n}.{COL_IDX}"].numel() for n in names},
     )
@@ -538,7 +447,7 @@ def convert(
 
 
 def assemble(
-    work: WorkDir, original: dict[str, torch.Tensor], arch: Architecture, n_blocks: int
+    work: WorkDir, original: dict[str, torch.Tensor], lay: Layout, n_blocks: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
     """Checkpoint tensors (originals with each quantized ``.weight`` replaced) and per-layer errors.
 
@@ -549,8 +458,8 @@ def assemble(
     errors: dict[str, float | None] = {}
     for i in range(n_blocks):
         tensors, block_errors = work.load_block(i)
-        prefix = f"{arch.blocks}.{i}."
-        for name in arch.linears:
+        prefix = f"{lay.blocks}.{i}."
+        for name in lay.linears:
             del state[f"{prefix}{name}.weight"]
         state.update({prefix + k: v for k, v in tensors.items()})
         errors.update({prefix + k: v for k, v in block_errors.items()})

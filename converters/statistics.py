@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 from qe_vllm.converters.objective import LayerStats
+from qe_vllm.converters.walking import BlockCall, call_block
 
 
 class InputStatistics:
@@ -90,12 +90,12 @@ def recording(
 
 
 def linear_inputs(
-    block: torch.nn.Module, names: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any]
+    block: torch.nn.Module, names: Sequence[str], x: torch.Tensor, call: BlockCall
 ) -> dict[str, torch.Tensor]:
     """The inputs of ``names`` when ``block`` runs on ``x``, stopping once all are read."""
     with recording(block, names, stop=True) as seen:
         try:
-            block(x, **kwargs)
+            call_block(block, x, call)
         except _Captured:
             pass
         missing = [n for n in names if n not in seen]
@@ -108,7 +108,7 @@ def block_statistics(
     block: torch.nn.Module,
     names: Sequence[str],
     acts: torch.Tensor,
-    kwargs: dict[str, Any],
+    call: BlockCall,
     device: torch.device,
     *,
     fp_block: torch.nn.Module | None = None,
@@ -125,8 +125,8 @@ def block_statistics(
         for n in names
     }
     for j in range(acts.shape[0]):
-        xq = linear_inputs(block, names, acts[j : j + 1].to(device), kwargs)
-        xf = None if fp_block is None else linear_inputs(fp_block, names, fp_acts[j : j + 1].to(device), kwargs)
+        xq = linear_inputs(block, names, acts[j : j + 1].to(device), call)
+        xf = None if fp_block is None else linear_inputs(fp_block, names, fp_acts[j : j + 1].to(device), call)
         for n in names:
             stats[n].add(xq[n], None if xf is None else xf[n])
     return {n: s.result(f"{label}.{n}") for n, s in stats.items()}

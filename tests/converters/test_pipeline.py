@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from qe_vllm.converters import pipeline
-from qe_vllm.converters.architectures import TABLE
+from qe_vllm.converters.walking import capture_block_inputs
 from qe_vllm.converters.calibration import calibration_windows, load_text
-from qe_vllm.converters.checkpoint import dense_reference, load_quantized_state, partial_dir
-from qe_vllm.converters.hf_loading import load_model
+from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
 
@@ -64,11 +62,10 @@ def test_quantease_not_worse_than_its_gptq_start(smollm2_2blocks, gptq_opts, gpt
         opts.seed,
     )
     cpu = torch.device("cpu")
-    arch = TABLE["LlamaForCausalLM"]
     with torch.no_grad(), pipeline.exact_matmul():
-        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
         _, e_q = pipeline.quantize_block(
-            net.model.layers[0], arch, opts, cpu, {"hidden": hidden}, kwargs, "model.layers.0"
+            net.model.layers[0], opts, cpu, {"hidden": hidden}, calls[0], "model.layers.0"
         )
     e_g = gptq_cut.qcfg.provenance["relative_error"]
     assert len(e_q) == 7
@@ -82,10 +79,10 @@ def test_resume_is_byte_identical(smollm2_2blocks, gptq_opts, gptq_cut, tmp_path
     real = pipeline.quantize_block
     calls = []
 
-    def interrupted(block, arch, opts, device, acts, kwargs, label):
+    def interrupted(block, opts, device, acts, call, label):
         if label.endswith(".1"):
             raise KeyboardInterrupt
-        return real(block, arch, opts, device, acts, kwargs, label)
+        return real(block, opts, device, acts, call, label)
 
     monkeypatch.setattr(pipeline, "quantize_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -98,9 +95,9 @@ def test_resume_is_byte_identical(smollm2_2blocks, gptq_opts, gptq_cut, tmp_path
     with pytest.raises(ValueError, match="different settings"):
         convert(str(smollm2_2blocks), out, replace(gptq_opts, seed=4), device="cpu", resume=True)
 
-    def counting(block, arch, opts, device, acts, kwargs, label):
+    def counting(block, opts, device, acts, call, label):
         calls.append(label)
-        return real(block, arch, opts, device, acts, kwargs, label)
+        return real(block, opts, device, acts, call, label)
 
     monkeypatch.setattr(pipeline, "quantize_block", counting)
     convert(str(smollm2_2blocks), out, gptq_opts, device="cpu", resume=True)
@@ -127,18 +124,17 @@ def test_true_sequential_calibrates_on_the_quantized_predecessors(smollm2_2block
         AutoTokenizer.from_pretrained(smollm2_2blocks), opts.calib_data, 4, 128, 3
     )
     cpu = torch.device("cpu")
-    arch = TABLE["LlamaForCausalLM"]
     block = net.model.layers[0]
     with torch.no_grad(), pipeline.exact_matmul():
-        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
-        original = block_statistics(block, ["self_attn.o_proj"], hidden, kwargs, cpu)
+        hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
+        original = block_statistics(block, ["self_attn.o_proj"], hidden, calls[0], cpu)
         results, errors = pipeline.quantize_block(
-            block, arch, opts, cpu, {"hidden": hidden.clone()}, kwargs, "model.layers.0"
+            block, opts, cpu, {"hidden": hidden.clone()}, calls[0], "model.layers.0"
         )
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             lin = block.get_submodule(name)
             lin.weight.data = results[name].weight(opts.group_size)
-        quantized = block_statistics(block, ["self_attn.o_proj"], hidden, kwargs, cpu)
+        quantized = block_statistics(block, ["self_attn.o_proj"], hidden, calls[0], cpu)
     w = block.self_attn.o_proj.weight
     w_hat = results["self_attn.o_proj"].weight(opts.group_size)
     seen = quantized if true_sequential else original
@@ -161,50 +157,20 @@ def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opt
         AutoTokenizer.from_pretrained(smollm2_2blocks), opts.calib_data, 4, 128, 3
     )
     cpu = torch.device("cpu")
-    arch = TABLE["LlamaForCausalLM"]
     with torch.no_grad(), pipeline.exact_matmul():
-        hidden, kwargs = pipeline.capture_block_inputs(net, arch, windows, cpu)
+        hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
         acts = {"hidden": hidden.clone(), "hidden_fp": hidden.clone()}
-        pipeline.quantize_block(net.model.layers[0], arch, opts, cpu, acts, kwargs, "model.layers.0")
+        pipeline.quantize_block(net.model.layers[0], opts, cpu, acts, calls[0], "model.layers.0")
         reference = hidden.clone()
-        pipeline.run_block(net.model.layers[0], reference, kwargs, into=reference)  # untouched weights
+        pipeline.run_block(net.model.layers[0], reference, calls[0], into=reference)  # untouched weights
         assert torch.equal(acts["hidden_fp"], reference)
         assert not torch.allclose(acts["hidden"], reference, atol=1e-3)
         block = net.model.layers[1]
-        st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], kwargs, cpu,
+        st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], calls[1], cpu,
                               fp_block=block, fp_acts=acts["hidden_fp"])["mlp.down_proj"]
-        fp_only = block_statistics(block, ["mlp.down_proj"], acts["hidden_fp"], kwargs, cpu)
+        fp_only = block_statistics(block, ["mlp.down_proj"], acts["hidden_fp"], calls[1], cpu)
     assert torch.allclose(st.sigma_fp, fp_only["mlp.down_proj"].sigma, rtol=1e-6)
     assert not torch.allclose(st.cross, st.sigma, rtol=1e-2)
-
-
-@pytest.mark.parametrize("method", ["gptq", "quantease"])
-def test_opt_family_with_outliers(method, tiny_opt, data_dir, tmp_path):
-    """The second table entry: OPT blocks (learned positions, biased linears), 1% outliers, and back."""
-    opts = ConvertOptions(
-        method=method,
-        bits=4,
-        group_size=32,
-        outlier_fraction=0.01,
-        iters=2,
-        calib_data=str(data_dir / "austen" / "northangerabbey.txt"),
-        nsamples=4,
-        seqlen=64,
-    )
-    report = convert(str(tiny_opt), tmp_path / "opt", opts, device="cpu")
-    errors = report.qcfg.provenance["relative_error"]
-    assert len(errors) == 12 and all(0 < e < 0.05 for e in errors.values())
-    assert all(
-        n == round(0.01 * o * i) for (o, i), n in zip(report.shapes.values(), report.nnz.values())
-    )
-    dense_reference(report.output, tmp_path / "opt-dense")
-    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        q = load_model(report.output, torch.bfloat16)(ids).logits
-        d = load_model(tmp_path / "opt-dense", torch.bfloat16)(ids).logits
-        o = load_model(tiny_opt, torch.float32)(ids).logits
-    assert torch.equal(q, d)
-    assert math.isfinite(float(q.float().abs().max())) and not torch.equal(q.float(), o)
 
 
 def test_calibration_sources_and_seeded_windows(smollm2_2blocks, tmp_path):

@@ -117,11 +117,8 @@ def _nan(tensors):
     [
         ("missing dir", ["--model", "/nonexistent/model"], "does not exist"),
         ("hub id offline", ["--model", "no-such-org/no-such-model"], "could not be fetched"),
-        (
-            "unsupported arch",
-            ["--arch-variant", "gpt2"],
-            "unsupported architecture GPT2LMHeadModel",
-        ),
+        ("encoder-decoder", ["--arch-variant", "encdec"], "is an encoder-decoder model"),
+        ("mixture of experts", ["--arch-variant", "moe"], "is a mixture-of-experts model"),
         ("bad group", ["--group-size", "100"], "group_size=100"),
         ("chat format on plain text", ["--method", "gptq", "--calib-data", "SHORT", "--calib-format", "chat"],
          "--calib-format chat needs conversations"),
@@ -147,7 +144,8 @@ def test_errors_are_one_line_exit_2(case, extra, message, tiny_llama, tmp_path, 
         kind = extra[extra.index("--arch-variant") + 1]
         extra = []
         edit = {
-            "gpt2": {"config_edit": lambda c: c.update(architectures=["GPT2LMHeadModel"])},
+            "encdec": {"config_edit": lambda c: c.update(is_encoder_decoder=True)},
+            "moe": {"config_edit": lambda c: c.update(num_local_experts=8)},
             "nan": {"tensor_edit": _nan},
         }[kind]
         model = _variant(tiny_llama, tmp_path / kind, **edit)

@@ -69,7 +69,7 @@ def _set_first(value: float) -> Callable[[torch.Tensor], None]:
 CASES: dict[str, tuple[Callable[[Path], None] | None, tuple[str, ...], str]] = {
     "group-wider-than-rows": (
         None, ("--group-size", "1024"),
-        "--group-size 1024 is wider than model.layers.0.mlp.gate_proj, which has 256 input features",
+        "--group-size 1024 is wider than model.layers.0.self_attn.q_proj, which has 256 input features",
     ),
     "group-not-power-of-two": (None, ("--group-size", "4"), "group_size=4 must be -1"),
     "outlier-fraction-range": (None, ("--outlier-fraction", "1.5"), "--outlier-fraction 1.5 must be in [0, 1)"),
