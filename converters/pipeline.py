@@ -65,8 +65,8 @@ from qe_vllm.converters.objective import exact_matmul
 from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
-from qe_vllm.converters.statistics import block_statistics
-from qe_vllm.converters.walking import BlockCall, Layout, block_linears, borrowed, call_block, linear_groups
+from qe_vllm.converters.statistics import FullPrecisionInputs, block_statistics
+from qe_vllm.converters.walking import BlockCall, Layout, block_linears, borrowed, linear_groups, run_block
 from qe_vllm.format import COL_IDX, QuantEaseConfig
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,18 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) ->
 # --------------------------------------------------------------------------- running blocks
 
 
-def run_block(block: torch.nn.Module, acts: torch.Tensor, call: BlockCall, *, into: torch.Tensor) -> None:
-    """Feed every sample through ``block`` (on ``call``'s device); write the outputs to ``into``."""
-    device = next(block.parameters()).device
-    for j in range(acts.shape[0]):
-        into[j] = call_block(block, acts[j : j + 1].to(device), call)[0].float().cpu()
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether ``nbytes`` more of host memory leave three quarters of what is available free.
+
+    Linux's ``MemAvailable``; elsewhere, no (the caller then takes its slower,
+    memory-free path, which gives the same result).
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return nbytes <= kib * 1024 // 4
 
 
 def quantize_block(
@@ -159,14 +166,20 @@ def quantize_block(
             call = walking.to_device(call, device)
             groups = linear_groups(block, acts["hidden"][:1].to(device), call)
         bar = tqdm(total=sum(map(len, groups)), desc=label, leave=False)
-        fp_block = copy.deepcopy(block) if acts is not None and "hidden_fp" in acts else None
+        fp = None
+        if acts is not None and "hidden_fp" in acts:
+            firsts = [g[0] for g in groups]
+            width = sum(block.get_submodule(n).in_features for n in firsts)
+            fp = FullPrecisionInputs(
+                copy.deepcopy(block), acts["hidden_fp"], call, device, firsts,
+                cache=fits_in_memory(acts["hidden_fp"][..., 0].numel() * width * 4),
+            )
         stages = [[g] for g in groups] if opts.true_sequential else [groups]
         for stage in stages:
             stats = {}
             if acts is not None:
                 stats = block_statistics(
-                    block, [g[0] for g in stage], acts["hidden"], call, device,
-                    fp_block=fp_block, fp_acts=acts.get("hidden_fp"), label=label,
+                    block, [g[0] for g in stage], acts["hidden"], call, device, fp_inputs=fp, label=label
                 )
             for group in stage:
                 for name in group:
@@ -184,8 +197,8 @@ def quantize_block(
                     bar.update()
         if acts is not None:
             run_block(block, acts["hidden"], call, into=acts["hidden"])
-            if fp_block is not None:
-                run_block(fp_block, acts["hidden_fp"], call, into=acts["hidden_fp"])
+            if fp is not None:
+                fp.finish()
         bar.close()
     return results, errors
 

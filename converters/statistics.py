@@ -11,7 +11,9 @@ float32 sums lose the small eigenvalues the solvers divide by.
 With error propagation each token's input is read twice, from the block as
 quantized so far (``x_q``) and from the full-precision block fed the
 full-precision model's activations (``x_fp``), and the pairs give
-``Σ x_fp x_qᵀ`` and ``Σ x_fp x_fpᵀ`` (``converters/objective.py``).
+``Σ x_fp x_qᵀ`` and ``Σ x_fp x_fpᵀ`` (``converters/objective.py``). The
+full-precision side never changes while a block is solved, so its inputs are
+read once per block (:class:`FullPrecisionInputs`), not once per stage.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from qe_vllm.converters.objective import LayerStats
-from qe_vllm.converters.walking import BlockCall, call_block
+from qe_vllm.converters.walking import BlockCall, call_block, run_block
 
 
 class InputStatistics:
@@ -104,6 +106,53 @@ def linear_inputs(
         return dict(seen)
 
 
+class FullPrecisionInputs:
+    """Each sample's linear inputs in the full-precision block, for the error-propagation cross terms.
+
+    The full-precision block is never quantized, so the inputs of its linears are
+    the same at every true-sequential stage. With ``cache``, one full pass per
+    sample records the inputs of all ``names`` at once (on the CPU) and moves
+    ``acts`` on to the block's outputs right away: one pass of the block instead
+    of a partial pass per stage plus a full one, measured as about a fifth of the
+    calibration time of a SmolLM2 block (benchmarks/results/conversion_time.md).
+    Without it (the inputs would not fit in memory), each stage re-reads its own
+    with a partial pass and :meth:`finish` moves ``acts`` on. Both give the same
+    tensors bit for bit: the same operations on the same inputs.
+    """
+
+    def __init__(
+        self,
+        block: torch.nn.Module,
+        acts: torch.Tensor,
+        call: BlockCall,
+        device: torch.device,
+        names: Sequence[str],
+        *,
+        cache: bool,
+    ) -> None:
+        self.block, self.acts, self.call, self.device = block, acts, call, device
+        self.cached: list[dict[str, torch.Tensor]] | None = None
+        if cache:
+            self.cached = []
+            with recording(block, names) as seen:
+                for j in range(acts.shape[0]):
+                    y = call_block(block, acts[j : j + 1].to(device), call)
+                    # copied before acts[j] is overwritten: an input may be a view of it
+                    self.cached.append({n: seen[n].to("cpu", copy=True) for n in names})
+                    acts[j] = y[0].float().cpu()
+
+    def __call__(self, j: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Sample ``j``'s inputs of ``names`` ``[tokens, features]``, on the compute device."""
+        if self.cached is not None:
+            return {n: self.cached[j][n].to(self.device) for n in names}
+        return linear_inputs(self.block, names, self.acts[j : j + 1].to(self.device), self.call)
+
+    def finish(self) -> None:
+        """Move ``acts`` on to the block's outputs (done already when cached)."""
+        if self.cached is None:
+            run_block(self.block, self.acts, self.call, into=self.acts)
+
+
 def block_statistics(
     block: torch.nn.Module,
     names: Sequence[str],
@@ -111,22 +160,21 @@ def block_statistics(
     call: BlockCall,
     device: torch.device,
     *,
-    fp_block: torch.nn.Module | None = None,
-    fp_acts: torch.Tensor | None = None,
+    fp_inputs: FullPrecisionInputs | None = None,
     label: str = "block",
 ) -> dict[str, LayerStats]:
     """Statistics of the inputs of ``names`` over every sample ``acts[j]`` fed to ``block``.
 
-    With ``fp_block`` (the block in full precision) and ``fp_acts`` (the
-    full-precision model's activations of the same samples), the cross terms too.
+    With ``fp_inputs`` (the same samples' inputs in the full-precision model),
+    the cross terms too.
     """
     stats = {
-        n: InputStatistics(block.get_submodule(n).in_features, device, fp_block is not None)
+        n: InputStatistics(block.get_submodule(n).in_features, device, fp_inputs is not None)
         for n in names
     }
     for j in range(acts.shape[0]):
         xq = linear_inputs(block, names, acts[j : j + 1].to(device), call)
-        xf = None if fp_block is None else linear_inputs(fp_block, names, fp_acts[j : j + 1].to(device), call)
+        xf = None if fp_inputs is None else fp_inputs(j, names)
         for n in names:
             stats[n].add(xq[n], None if xf is None else xf[n])
     return {n: s.result(f"{label}.{n}") for n, s in stats.items()}

@@ -213,6 +213,13 @@ def call_block(block: torch.nn.Module, x: torch.Tensor, call: BlockCall) -> torc
     return y[0] if isinstance(y, tuple) else y
 
 
+def run_block(block: torch.nn.Module, acts: torch.Tensor, call: BlockCall, *, into: torch.Tensor) -> None:
+    """Feed every sample through ``block`` (on ``call``'s device); write the outputs to ``into``."""
+    device = next(block.parameters()).device
+    for j in range(acts.shape[0]):
+        into[j] = call_block(block, acts[j : j + 1].to(device), call)[0].float().cpu()
+
+
 def linear_groups(block: torch.nn.Module, x: torch.Tensor, call: BlockCall) -> tuple[tuple[str, ...], ...]:
     """The block's linears grouped by the input tensor they receive, in execution order.
 

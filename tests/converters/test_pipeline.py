@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qe_vllm.converters import pipeline
-from qe_vllm.converters.walking import capture_block_inputs
+from qe_vllm.converters.walking import capture_block_inputs, run_block
 from qe_vllm.converters.calibration import calibration_windows, load_text
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.pipeline import ConvertOptions, convert
@@ -149,7 +149,7 @@ def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opt
     term pairs the unquantized model's activations with the quantized one's (they differ)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qe_vllm.converters.statistics import block_statistics
+    from qe_vllm.converters.statistics import FullPrecisionInputs, block_statistics
 
     opts = replace(gptq_opts, method="quantease", propagation=1.0, iters=1)
     net = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32)
@@ -162,12 +162,12 @@ def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opt
         acts = {"hidden": hidden.clone(), "hidden_fp": hidden.clone()}
         pipeline.quantize_block(net.model.layers[0], opts, cpu, acts, calls[0], "model.layers.0")
         reference = hidden.clone()
-        pipeline.run_block(net.model.layers[0], reference, calls[0], into=reference)  # untouched weights
+        run_block(net.model.layers[0], reference, calls[0], into=reference)  # untouched weights
         assert torch.equal(acts["hidden_fp"], reference)
         assert not torch.allclose(acts["hidden"], reference, atol=1e-3)
         block = net.model.layers[1]
-        st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], calls[1], cpu,
-                              fp_block=block, fp_acts=acts["hidden_fp"])["mlp.down_proj"]
+        fp = FullPrecisionInputs(block, acts["hidden_fp"].clone(), calls[1], cpu, ["mlp.down_proj"], cache=False)
+        st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], calls[1], cpu, fp_inputs=fp)["mlp.down_proj"]
         fp_only = block_statistics(block, ["mlp.down_proj"], acts["hidden_fp"], calls[1], cpu)
     assert torch.allclose(st.sigma_fp, fp_only["mlp.down_proj"].sigma, rtol=1e-6)
     assert not torch.allclose(st.cross, st.sigma, rtol=1e-2)

@@ -1,0 +1,66 @@
+"""Calibration statistics (``converters/statistics.py``): the full-precision stream read once per block.
+
+Oracle: the partial pass per stage, which :class:`FullPrecisionInputs` replaces when the
+inputs fit in memory. Both must give the same tensors bit for bit, and so the same
+checkpoint bytes. OPT with ``do_layer_norm_before=False`` feeds a block's input straight
+into q/k/v, so a cached input that is a view of the activations being advanced shows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qe_vllm.converters import pipeline, walking
+from qe_vllm.converters.pipeline import ConvertOptions, convert
+from qe_vllm.converters.statistics import FullPrecisionInputs
+
+
+@pytest.fixture(scope="module")
+def post_norm_opt(tiny_opt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("post-norm-opt")
+    shutil.copytree(tiny_opt, out, dirs_exist_ok=True)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "do_layer_norm_before": False}))
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "post_norm_opt"])
+def test_cached_inputs_equal_the_per_stage_partial_passes(model, request) -> None:
+    path = request.getfixturevalue(model)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lay = walking.layout(net)
+    windows = torch.randint(3, 512, (3, 32), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        hidden, calls = walking.capture_block_inputs(net, lay.blocks, windows, cpu)
+        block = net.get_submodule(lay.blocks)[0]
+        names = [g[0] for g in walking.linear_groups(block, hidden[:1], calls[0])]
+        cached_acts, per_stage_acts = hidden.clone(), hidden.clone()
+        cached = FullPrecisionInputs(block, cached_acts, calls[0], cpu, names, cache=True)
+        per_stage = FullPrecisionInputs(block, per_stage_acts, calls[0], cpu, names, cache=False)
+        for j in range(hidden.shape[0]):
+            for name in names:
+                a, b = cached(j, [name])[name], per_stage(j, [name])[name]
+                assert torch.equal(a, b), (j, name)
+        per_stage.finish()
+        cached.finish()
+    assert torch.equal(cached_acts, per_stage_acts) and not torch.equal(cached_acts, hidden)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "post_norm_opt"])
+def test_caching_does_not_change_the_checkpoint(model, request, data_dir, tmp_path, monkeypatch) -> None:
+    path = request.getfixturevalue(model)
+    opts = ConvertOptions(method="quantease", bits=3, group_size=32, iters=2, propagation=0.5,
+                          calib_data=str(data_dir / "austen" / "northangerabbey.txt"), nsamples=4, seqlen=48)
+    written = {}
+    for cache in (True, False):
+        monkeypatch.setattr(pipeline, "fits_in_memory", lambda nbytes, cache=cache: cache)
+        report = convert(str(path), tmp_path / str(cache), opts, device="cpu")
+        written[cache] = (report.output / "model.safetensors").read_bytes()
+    assert written[True] == written[False]
