@@ -253,6 +253,8 @@ class QuantEaseLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         fmt, prefix = self.fmt, getattr(layer, "prefix", "?")
         plan, col_start = _row_plan(layer)
+        if set(layer._qe_stash) == {None} and len(plan) > 1:
+            plan = _fused_row_plan(layer, plan)
         in_pp, in_full = layer.qe_in_features, layer.qe_full_in_features
         try:
             validate_grid_values(prefix, {n: getattr(layer, n, None) for n in ("scales", "qzeros")}, fmt)
@@ -451,3 +453,21 @@ def _row_plan(layer: torch.nn.Module) -> tuple[list[RowSlice], int]:
     out_pp = layer.output_partition_sizes[0]
     sharded = out_pp != layer.output_size  # column-parallel; replicated layers keep every row
     return [RowSlice(None, tp_rank * out_pp if sharded else 0, out_pp, 0)], 0
+
+
+def _fused_row_plan(layer: torch.nn.Module, plan: list[RowSlice]) -> list[RowSlice]:
+    """``plan`` for a checkpoint that stores a merged linear as one tensor (Phi-3's ``qkv_proj``).
+
+    vLLM cuts the dense tensors of such a checkpoint into its shards itself; the outliers
+    arrive as one CSR triple (shard id ``None``) whose rows are the shards stacked in
+    order, so each shard's rows are found below the rows of the shards before it.
+    """
+    if isinstance(layer, QKVParallelLinear):
+        q, kv = layer.total_num_heads * layer.head_size, layer.total_num_kv_heads * layer.head_size
+        base = {"q": 0, "k": q, "v": q + kv}
+    else:
+        starts = [0]
+        for size in layer.output_sizes[:-1]:
+            starts.append(starts[-1] + size)
+        base = dict(enumerate(starts))
+    return [RowSlice(None, base[p.shard_id] + p.src_start, p.rows, p.dst_offset) for p in plan]

@@ -30,6 +30,7 @@ import torch
 
 from helpers.env import run_script
 from helpers.generation import GEMM_DRIFT_TOL, assert_same_generation, generate
+from helpers.tiny_models import build
 from qe_vllm.converters.checkpoint import dense_reference
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,19 @@ def test_vllm_matches_dense_fake_quantized_model(request, tmp_path: Path, model_
     """The exact torch path reproduces the dense reference, outliers included."""
     model = request.getfixturevalue(model_fixture)
     ckpt = convert(model, tmp_path / "qe", *flags)
+    dense_reference(ckpt, tmp_path / "dense")
+    got = generate(ckpt, tmp_path / "q.json", quantization="quantease", env=EXACT_PATH)
+    want = generate(tmp_path / "dense", tmp_path / "d.json")
+    assert_same_generation(got, want, logprob_tol=1e-3, prompt_tol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "phi3"])
+def test_vllm_serves_other_architectures_like_the_dense_model(arch: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """Beyond Llama: Qwen3's q/k norms, Gemma 3's sliding/global layers and tied embeddings, and
+    Phi-3's fused ``qkv_proj``/``gate_up_proj``, whose one outlier CSR per fused tensor must be
+    cut into vLLM's q/k/v and gate/up shards like the dense tensors."""
+    model = build(arch, tiny_llama, tmp_path / arch)
+    ckpt = convert(model, tmp_path / "qe", "--bits", "4", "--group-size", "32", "--outlier-fraction", "0.02")
     dense_reference(ckpt, tmp_path / "dense")
     got = generate(ckpt, tmp_path / "q.json", quantization="quantease", env=EXACT_PATH)
     want = generate(tmp_path / "dense", tmp_path / "d.json")
