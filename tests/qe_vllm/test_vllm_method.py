@@ -129,6 +129,16 @@ def test_vllm_serves_other_architectures_like_the_dense_model(arch: str, tiny_ll
     assert_same_generation(got, want, logprob_tol=1e-3, prompt_tol=1e-3)
 
 
+def test_fused_phi3_tensor_parallel_2_equals_1(tiny_llama: Path, tmp_path: Path) -> None:
+    """Phi-3's fused tensors at TP=2: each rank's q rows, replicated k/v head and half of gate
+    and of up come out of one CSR per fused tensor, beside dense shards vLLM cuts itself."""
+    model = build("phi3", tiny_llama, tmp_path / "phi3")
+    ckpt = convert(model, tmp_path / "qe", "--bits", "3", "--group-size", "32", "--outlier-fraction", "0.02")
+    tp1 = generate(ckpt, tmp_path / "tp1.json", tp=1)
+    tp2 = generate(ckpt, tmp_path / "tp2.json", tp=2)
+    assert_same_generation(tp2, tp1, logprob_tol=GEMM_DRIFT_TOL, prompt_tol=GEMM_DRIFT_TOL)
+
+
 @pytest.mark.parametrize(
     "model_fixture, flags",
     [
