@@ -1,4 +1,4 @@
-"""Calibrated layer-wise conversion: GPTQ/QuantEase on real weights, resume, a second architecture."""
+"""Calibrated layer-wise conversion (``converters/pipeline.py`` driving ``converters/block.py``): GPTQ/QuantEase on real weights, true-sequential, error propagation, resume."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from qe_vllm.converters import pipeline
 from qe_vllm.converters.walking import capture_block_inputs, run_block
 from qe_vllm.converters.calibration import calibration_windows, load_text
+from qe_vllm.converters.block import quantize_block
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
+from qe_vllm.converters.objective import exact_matmul
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
 
@@ -62,9 +64,9 @@ def test_quantease_not_worse_than_its_gptq_start(smollm2_2blocks, gptq_opts, gpt
         opts.seed,
     )
     cpu = torch.device("cpu")
-    with torch.no_grad(), pipeline.exact_matmul():
+    with torch.no_grad(), exact_matmul():
         hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
-        _, e_q = pipeline.quantize_block(
+        _, e_q = quantize_block(
             net.model.layers[0], opts, cpu, {"hidden": hidden}, calls[0], "model.layers.0"
         )
     e_g = gptq_cut.qcfg.provenance["relative_error"]
@@ -125,10 +127,10 @@ def test_true_sequential_calibrates_on_the_quantized_predecessors(smollm2_2block
     )
     cpu = torch.device("cpu")
     block = net.model.layers[0]
-    with torch.no_grad(), pipeline.exact_matmul():
+    with torch.no_grad(), exact_matmul():
         hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
         original = block_statistics(block, ["self_attn.o_proj"], hidden, calls[0], cpu)
-        results, errors = pipeline.quantize_block(
+        results, errors = quantize_block(
             block, opts, cpu, {"hidden": hidden.clone()}, calls[0], "model.layers.0"
         )
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -157,10 +159,10 @@ def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opt
         AutoTokenizer.from_pretrained(smollm2_2blocks), opts.calib_data, 4, 128, 3
     )
     cpu = torch.device("cpu")
-    with torch.no_grad(), pipeline.exact_matmul():
+    with torch.no_grad(), exact_matmul():
         hidden, calls = capture_block_inputs(net, "model.layers", windows, cpu)
         acts = {"hidden": hidden.clone(), "hidden_fp": hidden.clone()}
-        pipeline.quantize_block(net.model.layers[0], opts, cpu, acts, calls[0], "model.layers.0")
+        quantize_block(net.model.layers[0], opts, cpu, acts, calls[0], "model.layers.0")
         reference = hidden.clone()
         run_block(net.model.layers[0], reference, calls[0], into=reference)  # untouched weights
         assert torch.equal(acts["hidden_fp"], reference)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qe_vllm.converters import pipeline, walking
+from qe_vllm.converters import block as block_step
+from qe_vllm.converters import walking
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 from qe_vllm.converters.statistics import FullPrecisionInputs
 
@@ -60,7 +61,7 @@ def test_caching_does_not_change_the_checkpoint(model, request, data_dir, tmp_pa
                           calib_data=str(data_dir / "austen" / "northangerabbey.txt"), nsamples=4, seqlen=48)
     written = {}
     for cache in (True, False):
-        monkeypatch.setattr(pipeline, "fits_in_memory", lambda nbytes, cache=cache: cache)
+        monkeypatch.setattr(block_step, "fits_in_memory", lambda nbytes, cache=cache: cache)
         report = convert(str(path), tmp_path / str(cache), opts, device="cpu")
         written[cache] = (report.output / "model.safetensors").read_bytes()
     assert written[True] == written[False]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers.env import OFFLINE_ENV, run_script
 from qe_vllm.cli import convert as cli
-from qe_vllm.converters import pipeline
+from qe_vllm.converters import block as block_step
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
@@ -161,7 +161,7 @@ def test_unstorable_solution_stops_the_run(
     tiny_llama: Path, calib_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """A solver that blows up (NaN) is caught before its weights reach the block or the disk."""
-    real = pipeline.solve
+    real = block_step.solve
 
     def blown_up(w: torch.Tensor, stats, opts: ConvertOptions):
         res = real(w, stats, opts)
@@ -169,7 +169,7 @@ def test_unstorable_solution_stops_the_run(
             res.outliers = torch.full_like(w, float("nan"))
         return res
 
-    monkeypatch.setattr(pipeline, "solve", blown_up)
+    monkeypatch.setattr(block_step, "solve", blown_up)
     out = tmp_path / "out"
     args = ["--model", str(tiny_llama), "--output", str(out), "--method", "gptq", *BASE,
             "--calib-data", str(calib_text), "--nsamples", "4", "--seqlen", "64"]

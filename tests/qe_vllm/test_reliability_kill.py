@@ -21,7 +21,7 @@ import pytest
 
 from helpers.env import OFFLINE_ENV, run_script
 from qe_vllm.cli import convert as cli
-from qe_vllm.converters import pipeline
+from qe_vllm.converters import staging
 from qe_vllm.converters.checkpoint import partial_dir
 
 QE_CONVERT = str(Path(sys.executable).parent / "qe-convert")
@@ -93,7 +93,7 @@ def test_interrupted_between_inputs_and_marker(
     The marker still says "block 1", so resume must find block 1's *inputs*, not
     the outputs that were just written: inputs are stored per block for this.
     """
-    real = pipeline._replace_text
+    real = staging._replace_text
 
     def stop_at_last_marker(path: Path, text: str) -> None:
         if path.name == "progress.json" and json.loads(text)["next_block"] == 2:
@@ -101,9 +101,9 @@ def test_interrupted_between_inputs_and_marker(
         real(path, text)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "_replace_text", stop_at_last_marker)
+    monkeypatch.setattr(staging, "_replace_text", stop_at_last_marker)
     assert cli.main([*args, "--output", str(out)]) == 130
     assert json.loads((partial_dir(out) / "_work" / "progress.json").read_text()) == {"next_block": 1}
-    monkeypatch.setattr(pipeline, "_replace_text", real)
+    monkeypatch.setattr(staging, "_replace_text", real)
     assert cli.main([*args, "--output", str(out), "--resume"]) == 0
     assert digests(out) == digests(reference)
