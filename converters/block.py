@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # largest storable scale or outlier value
 
 
-
 def check_solution(name: str, res: QuantResult, opts: ConvertOptions, w: torch.Tensor) -> None:
     """A solver's output must be storable: codes on the grid, finite weights, float16 outliers.
 
