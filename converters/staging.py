@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 from qe_vllm.converters.checkpoint import writing
 from qe_vllm.converters.walking import BlockCall
 
+# Bumped whenever the files in ``_work`` change meaning, so that a run resumed
+# by a newer converter refuses the older files by name instead of misreading them.
+WORK_FORMAT = 2
 
 
 class WorkDir:
@@ -32,8 +35,15 @@ class WorkDir:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         run = path / "run.json"
+        fingerprint = {"work_format": WORK_FORMAT, **fingerprint}
         if run.exists():
             previous = json.loads(run.read_text())
+            if previous.get("work_format") != WORK_FORMAT:
+                raise ValueError(
+                    f"the interrupted conversion at {path.parent} was written by another version of qe-convert "
+                    f"(resume format {previous.get('work_format', 1)}, this one reads {WORK_FORMAT}); "
+                    "pass --overwrite to start over"
+                )
             if previous != fingerprint:
                 changed = sorted(
                     k
