@@ -163,6 +163,47 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def write_weights(
+    staging: Path,
+    sizes: dict[str, int],
+    read: Callable[[list[str]], dict[str, torch.Tensor]],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """Write tensors of byte ``sizes`` into shards of at most ``max_shard_bytes``, one shard in memory at a time.
+
+    ``read(names)`` returns those tensors; it is called once per shard, so a
+    converter whose tensors live on disk never holds more than one shard. Names go
+    into shards in sorted order; more than one shard gets Hugging Face's
+    ``model-0000i-of-0000N.safetensors`` names and a ``model.safetensors.index.json``.
+    """
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(sizes):
+        if shards[-1] and size + sizes[name] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += sizes[name]
+    if len(shards) == 1:
+        _write_shard(staging / SINGLE_SHARD, read(shards[0]))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(staging / file, read(shard))
+        weight_map.update(dict.fromkeys(shard, file))
+    _write_json(staging / INDEX, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+
+
+def finish_model_dir(staging: Path, hf_config: dict[str, Any], source_dir: Path) -> None:
+    """Side files copied from ``source_dir``, then ``config.json``: written last, it marks the weights complete."""
+    for pattern in SIDE_FILES:
+        for f in sorted(source_dir.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, staging / f.name)
+    _write_json(staging / CONFIG, hf_config)
+
+
 def write_model_dir(
     staging: Path,
     tensors: dict[str, torch.Tensor],
@@ -170,32 +211,10 @@ def write_model_dir(
     source_dir: Path,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> None:
-    """Write weights (sharded), side files copied from ``source_dir``, and ``config.json`` last."""
-    names = sorted(tensors)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    if len(shards) == 1:
-        _write_shard(staging / SINGLE_SHARD, {n: tensors[n] for n in names})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(staging / file, {n: tensors[n] for n in shard})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    for pattern in SIDE_FILES:
-        for f in sorted(source_dir.glob(pattern)):
-            if f.is_file():
-                shutil.copyfile(f, staging / f.name)
-    _write_json(staging / CONFIG, hf_config)
+    """Write in-memory ``tensors`` (sharded), side files copied from ``source_dir``, and ``config.json`` last."""
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    write_weights(staging, sizes, lambda names: {n: tensors[n] for n in names}, max_shard_bytes)
+    finish_model_dir(staging, hf_config, source_dir)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -241,7 +260,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 @contextmanager
-def _open_safetensors(path: Path) -> Iterator[Any]:
+def open_safetensors(path: Path) -> Iterator[Any]:
     """``safe_open`` whose header errors name the file (raw ``SafetensorError`` does not)."""
     try:
         handle = safe_open(str(path), framework="pt")
@@ -254,11 +273,20 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
         yield f
 
 
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Which safetensors file of a model directory holds each stored tensor."""
+    files = {}
+    for f in weight_files(model_dir):
+        with open_safetensors(f) as sf:
+            files.update(dict.fromkeys(sf.keys(), f))
+    return files
+
+
 def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files of a model directory (CPU)."""
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(model_dir):
-        with _open_safetensors(f) as sf:
+        with open_safetensors(f) as sf:
             out.update({k: sf.get_tensor(k) for k in sf.keys()})
     return out
 
@@ -371,20 +399,22 @@ def read_headers(
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     for f in weight_files(model_dir):
-        with _open_safetensors(f) as sf:
+        with open_safetensors(f) as sf:
             for k in sf.keys():
                 if k in source:
                     raise CheckpointFormatError(f"tensor {k} is stored twice, in {source[k]} and {f.name}")
                 source[k] = f.name
-                if load(k):
-                    out[k] = sf.get_tensor(k)
-                    continue
-                sl = sf.get_slice(k)
-                dtype = _HEADER_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise CheckpointFormatError(f"tensor {k} in {f.name} has unknown dtype {sl.get_dtype()}")
-                out[k] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+                out[k] = sf.get_tensor(k) if load(k) else header_tensor(sf, k, f)
     return out
+
+
+def header_tensor(sf: Any, name: str, file: Path) -> torch.Tensor:
+    """A meta tensor with the dtype and shape the header of the open safetensors ``sf`` gives ``name``."""
+    sl = sf.get_slice(name)
+    dtype = _HEADER_DTYPES.get(sl.get_dtype())
+    if dtype is None:
+        raise CheckpointFormatError(f"tensor {name} in {file.name} has unknown dtype {sl.get_dtype()}")
+    return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
 
 def read_quantized(model_dir: Path) -> QuantizedCheckpoint:

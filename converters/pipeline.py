@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -37,17 +38,19 @@ from qe_vllm.converters import walking
 from qe_vllm.converters.block import FLOAT16_MAX, quantize_block
 from qe_vllm.converters.calibration import Calibration, calibration_set, describe
 from qe_vllm.converters.checkpoint import (
+    MAX_SHARD_BYTES,
     check_output,
+    finish_model_dir,
     prepare_partial,
     publish,
     quantized_config,
     read_config,
-    read_tensors,
-    write_model_dir,
+    write_weights,
 )
 from qe_vllm.converters.hf_loading import resolve_model
 from qe_vllm.converters.objective import exact_matmul
 from qe_vllm.converters.options import ConvertOptions
+from qe_vllm.converters.source import SourceModel, TensorFacts
 from qe_vllm.converters.staging import WorkDir
 from qe_vllm.converters.walking import Layout
 from qe_vllm.format import COL_IDX, QuantEaseConfig
@@ -78,9 +81,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_fits(
-    opts: ConvertOptions, hf_config: dict[str, Any], weights: dict[str, torch.Tensor]
-) -> None:
+def check_fits(opts: ConvertOptions, hf_config: dict[str, Any], weights: dict[str, TensorFacts]) -> None:
     """Refuse settings or weights the format cannot honour, before any work.
 
     A group wider than a layer's rows would silently mean "per channel"; windows
@@ -96,10 +97,9 @@ def check_fits(
                 f"features; use a group size <= {narrowest} or -1 (one group per row)"
             )
     for name, w in weights.items():
-        peak = float(w.abs().max())
-        if peak > FLOAT16_MAX:
+        if w.peak > FLOAT16_MAX:
             raise ValueError(
-                f"{name} holds weights up to {peak:.4g}, beyond the float16 range ({FLOAT16_MAX:g}) "
+                f"{name} holds weights up to {w.peak:.4g}, beyond the float16 range ({FLOAT16_MAX:g}) "
                 "of QuantEase scales and outliers; this model cannot be stored in the format"
             )
     limit = hf_config.get("max_position_embeddings")
@@ -110,9 +110,9 @@ def check_fits(
         )
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+def check_finite(facts: dict[str, TensorFacts]) -> None:
+    for name, t in facts.items():
+        if not t.finite:
             raise ValueError(f"the model's tensor {name} holds NaN or Inf; refusing to quantize it")
 
 
@@ -159,8 +159,14 @@ def convert(
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> ConvertReport:
-    """Convert ``model`` (local directory or cached hub id) into a QuantEase checkpoint at ``output``."""
+    """Convert ``model`` (local directory or cached hub id) into a QuantEase checkpoint at ``output``.
+
+    The model is never resident as a whole: one block's weights at a time
+    (``converters/source.py``), and the output is written one shard of at most
+    ``max_shard_bytes`` at a time.
+    """
     start_time = time.perf_counter()
     opts.check()
     output = Path(output).expanduser().resolve()
@@ -175,10 +181,11 @@ def convert(
     quant_config(opts)  # validates bits / group size / outliers before any work
     dev = pick_device(device)
     check_output(output, overwrite=overwrite, resume=resume)
-    original = read_tensors(source)
-    check_finite(original)
+    src = SourceModel(source, hf_config)
+    facts = src.scan()  # one tensor at a time
+    check_finite(facts)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     calib = None
     if opts.calibrated:  # before the model: bad data fails fast
@@ -188,17 +195,16 @@ def convert(
         )
         log.info(calib.summary())
         windows = calib.windows
-    net = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-    net.eval()
+    net = src.skeleton()
     lay = walking.layout(net)
     blocks = net.get_submodule(lay.blocks)
     names = [f"{lay.blocks}.{i}.{name}" for i in range(len(blocks)) for name in lay.linears]
-    if missing := [n for n in names if f"{n}.weight" not in original]:
+    if missing := [n for n in names if f"{n}.weight" not in facts]:
         raise ValueError(
             f"{source}: no tensor {missing[0]}.weight; its tensor names do not follow the "
             f"module names of {arch_name}"
         )
-    check_fits(opts, hf_config, {n: original[f"{n}.weight"] for n in names})
+    check_fits(opts, hf_config, {n: facts[f"{n}.weight"] for n in names})
     log.info("%d blocks at %s, each with linears %s", len(blocks), lay.blocks, ", ".join(lay.linears))
     staging = prepare_partial(output, overwrite=overwrite, resume=resume)
     work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)})
@@ -207,7 +213,9 @@ def convert(
     acts, calls = None, [None] * len(blocks)
     with torch.no_grad(), exact_matmul():
         if opts.calibrated and first == 0:
-            hidden, calls = walking.capture_block_inputs(net, lay.blocks, windows, dev)
+            # everything before the blocks (embeddings, rotary tables); never the blocks or the head
+            with src.loaded(net, "", skip=(f"{lay.blocks}.", *walking.output_head(net))):
+                hidden, calls = walking.capture_block_inputs(net, lay.blocks, windows, dev)
             acts = {"hidden": hidden}
             if opts.propagation > 0:
                 acts["hidden_fp"] = hidden.clone()
@@ -216,43 +224,63 @@ def convert(
             acts, calls = work.load_acts(first)
         for i in tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks)):
             label = f"{lay.blocks}.{i}"
-            results, errors = quantize_block(blocks[i], opts, dev, acts, calls[i], label)
+            with src.loaded(blocks[i], f"{label}."):
+                results, errors = quantize_block(blocks[i], opts, dev, acts, calls[i], label)
             tensors = {
                 f"{n}.{k}": v for n, r in results.items() for k, v in r.to_tensors(qcfg).items()
             }
             work.save_block(i, tensors, errors, acts)
 
-    state, errors = assemble(work, original, lay, len(blocks))
+    stored, read, errors = checkpoint_tensors(work, src, lay, len(blocks))
     report = ConvertReport(
         output=output,
         source=source,
         architecture=arch_name,
         qcfg=quant_config(opts, provenance(opts, model, arch_name, errors, calib)),
-        shapes={n: tuple(original[f"{n}.weight"].shape) for n in names},
-        nnz={n: state[f"{n}.{COL_IDX}"].numel() for n in names},
+        shapes={n: facts[f"{n}.weight"].shape for n in names},
+        nnz={n: stored[f"{n}.{COL_IDX}"].numel() for n in names},
     )
-    write_model_dir(staging, state, quantized_config(hf_config, report.qcfg), source)
+    write_weights(staging, {n: t.numel() * t.element_size() for n, t in stored.items()}, read, max_shard_bytes)
+    finish_model_dir(staging, quantized_config(hf_config, report.qcfg), source)
     shutil.rmtree(work.path)
     publish(staging, output)
     report.seconds = time.perf_counter() - start_time
     return report
 
 
-def assemble(
-    work: WorkDir, original: dict[str, torch.Tensor], lay: Layout, n_blocks: int
-) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
-    """Checkpoint tensors (originals with each quantized ``.weight`` replaced) and per-layer errors.
+def checkpoint_tensors(
+    work: WorkDir, src: SourceModel, lay: Layout, n_blocks: int
+) -> tuple[dict[str, torch.Tensor], Callable[[list[str]], dict[str, torch.Tensor]], dict[str, float | None]]:
+    """The checkpoint's tensors as meta tensors (dtype, shape) and a reader, and the per-layer errors.
 
-    Always read from the saved block files, resumed run or not: that is what
-    makes a resumed checkpoint byte-identical to an uninterrupted one.
+    The checkpoint is the original tensors with each quantized ``.weight``
+    replaced by its block's saved tensors. They are always read from the saved
+    block files, resumed run or not: that is what makes a resumed checkpoint
+    byte-identical to an uninterrupted one. Only headers are read up front;
+    ``read`` fetches one shard's worth when the writer asks.
     """
-    state = dict(original)
+    stored = dict(src.headers)
+    saved: dict[str, tuple[int, str]] = {}  # checkpoint name -> (block, name in its file)
     errors: dict[str, float | None] = {}
     for i in range(n_blocks):
-        tensors, block_errors = work.load_block(i)
         prefix = f"{lay.blocks}.{i}."
         for name in lay.linears:
-            del state[f"{prefix}{name}.weight"]
-        state.update({prefix + k: v for k, v in tensors.items()})
+            del stored[f"{prefix}{name}.weight"]
+        tensors, block_errors = work.block_contents(i)
+        for k, t in tensors.items():
+            saved[prefix + k] = (i, k)
+            stored[prefix + k] = t
         errors.update({prefix + k: v for k, v in block_errors.items()})
-    return state, errors
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        out = src.read(n for n in names if n not in saved)
+        per_block: dict[int, list[str]] = {}
+        for n in names:
+            if n in saved:
+                per_block.setdefault(saved[n][0], []).append(n)
+        for i, ns in per_block.items():
+            got = work.read_block(i, [saved[n][1] for n in ns])
+            out.update({n: got[saved[n][1]] for n in ns})
+        return out
+
+    return stored, read, errors

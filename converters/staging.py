@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qe_vllm.converters.checkpoint import writing
+from qe_vllm.converters.checkpoint import header_tensor, open_safetensors, writing
 from qe_vllm.converters.walking import BlockCall
 
 # Bumped whenever the files in ``_work`` change meaning, so that a run resumed
@@ -93,9 +92,15 @@ class WorkDir:
         _replace_text(self.path / "progress.json", json.dumps({"next_block": i + 1}))
         self._inputs_file(i).unlink(missing_ok=True)
 
-    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
-        with safe_open(str(self._block_file(i)), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["errors"])
+    def block_contents(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+        """Block ``i``'s saved tensors as meta tensors (dtype and shape only) and its layer errors."""
+        path = self._block_file(i)
+        with open_safetensors(path) as f:
+            return {k: header_tensor(f, k, path) for k in f.keys()}, json.loads(f.metadata()["errors"])
+
+    def read_block(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
+        with open_safetensors(self._block_file(i)) as f:
+            return {k: f.get_tensor(k) for k in names}
 
     def _block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"

@@ -101,6 +101,16 @@ def layout(model: torch.nn.Module) -> Layout:
     return Layout(path, linears)
 
 
+def output_head(model: torch.nn.Module) -> tuple[str, ...]:
+    """The name of the model's output projection (empty if it declares none).
+
+    Calibration never runs it (the walk stops at the last block), so its weights,
+    the size of the embeddings, need not be read for it.
+    """
+    head = model.get_output_embeddings()
+    return tuple(name for name, m in model.named_modules() if m is head and head is not None)
+
+
 @dataclass
 class BlockCall:
     """The arguments one block is called with, apart from the hidden states."""
@@ -156,7 +166,7 @@ def borrowed(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterat
         for m in root.modules():
             for store in (m._parameters, m._buffers):
                 for name, t in list(store.items()):
-                    if t is None:
+                    if t is None or t.is_meta:  # not loaded (converters/source.py): not needed here
                         continue
                     saved.append((store, name, t))
                     copy = t.detach().to(device, torch.float32 if t.is_floating_point() else t.dtype)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import Field, fields
 from pathlib import Path
 
+from qe_vllm.converters.checkpoint import MAX_SHARD_BYTES
 from qe_vllm.converters.options import ConvertOptions, flag
 from qe_vllm.converters.pipeline import ConvertReport, convert
 from qe_vllm.format import ROW_PTR, QuantEaseConfig, expected_tensors, linear_nbytes
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="where blocks are solved (default %(default)s)",
     )
+    a(
+        "--max-shard-size",
+        type=shard_size,
+        default=MAX_SHARD_BYTES,
+        metavar="SIZE",
+        help="largest output safetensors file, e.g. 500MB or 2GiB; more than one file gets a "
+        "model.safetensors.index.json (default 2GiB). The converter holds one file's tensors at a time",
+    )
     a("--resume", action="store_true", help="continue an interrupted conversion into the same --output")
     a(
         "--overwrite",
@@ -72,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing --output (and discard an interrupted run)",
     )
     return p
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def shard_size(text: str) -> int:
+    """``"500MB"``, ``"2GiB"`` or a byte count, as Hugging Face's ``max_shard_size`` reads them."""
+    number = text.strip().upper().rstrip("BIGKM ")
+    unit = text.strip().upper()[len(number):].strip()
+    try:
+        nbytes = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB, 2GB or 2GiB") from None
+    if nbytes <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard size must be positive")
+    return nbytes
 
 
 def _add_option(p: argparse.ArgumentParser, f: Field) -> None:
@@ -159,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                max_shard_bytes=args.max_shard_size,
             )
     except (ValueError, OSError) as e:
         print(f"qe-convert: error: {e}", file=sys.stderr)
