@@ -33,6 +33,9 @@ from qe_vllm.converters.checkpoint import model_dtype, open_safetensors, read_he
 from qe_vllm.converters.hf_loading import renamed
 
 
+_SCAN_CHUNK = 1 << 22  # elements per step of SourceModel.scan
+
+
 @dataclass(frozen=True)
 class TensorFacts:
     """What :meth:`SourceModel.scan` found about one stored tensor."""
@@ -69,12 +72,12 @@ class SourceModel:
         facts = {}
         for name in sorted(self.headers):
             t = self.read([name])[name]
-            floating = t.is_floating_point()
-            facts[name] = TensorFacts(
-                tuple(t.shape),
-                float(t.abs().max()) if floating and t.numel() else 0.0,
-                bool(torch.isfinite(t).all()) if floating else True,
-            )
+            peak, finite = 0.0, True
+            if t.is_floating_point() and t.numel():  # in chunks: no temporary the size of an embedding table
+                for chunk in t.reshape(-1).split(_SCAN_CHUNK):
+                    peak = max(peak, float(chunk.abs().max()))
+                    finite = finite and bool(torch.isfinite(chunk).all())
+            facts[name] = TensorFacts(tuple(t.shape), peak, finite)
             del t
         return facts
 
