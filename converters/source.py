@@ -68,18 +68,13 @@ class SourceModel:
         return out
 
     def scan(self) -> dict[str, TensorFacts]:
-        """Every stored tensor's shape, peak magnitude and finiteness, one tensor in memory at a time."""
+        """Every stored tensor's shape, peak magnitude and finiteness (by name), one tensor in memory at a time."""
         facts = {}
-        for name in sorted(self.headers):
-            t = self.read([name])[name]
-            peak, finite = 0.0, True
-            if t.is_floating_point() and t.numel():  # in chunks: no temporary the size of an embedding table
-                for chunk in t.reshape(-1).split(_SCAN_CHUNK):
-                    peak = max(peak, float(chunk.abs().max()))
-                    finite = finite and bool(torch.isfinite(chunk).all())
-            facts[name] = TensorFacts(tuple(t.shape), peak, finite)
-            del t
-        return facts
+        for f in sorted(set(self.files.values())):
+            with open_safetensors(f) as sf:
+                for name in sf.keys():
+                    facts[name] = _facts(sf.get_tensor(name))
+        return dict(sorted(facts.items()))
 
     def skeleton(self) -> torch.nn.Module:
         """The model with its parameters on the meta device and its buffers real, in eval mode."""
@@ -135,3 +130,13 @@ class SourceModel:
             t = store[leaf]
             meta = torch.empty_like(t, device="meta")
             store[leaf] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
+
+
+def _facts(t: torch.Tensor) -> TensorFacts:
+    """Shape, peak and finiteness of ``t``, in chunks: no temporary the size of an embedding table."""
+    peak, finite = 0.0, True
+    if t.is_floating_point() and t.numel():
+        for chunk in t.reshape(-1).split(_SCAN_CHUNK):
+            peak = max(peak, float(chunk.abs().max()))
+            finite = finite and bool(torch.isfinite(chunk).all())
+    return TensorFacts(tuple(t.shape), peak, finite)
