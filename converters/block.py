@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from qe_vllm.converters import walking
+from qe_vllm.converters.objective import layer_error
 from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
@@ -60,14 +62,6 @@ def check_solution(name: str, res: QuantResult, opts: ConvertOptions, w: torch.T
             f"the {opts.method} solution for {name} cannot be stored ({', '.join(problems)}; "
             f"largest |weight| {float(w.abs().max()):.4g}); try another --method or --outlier-fraction"
         )
-
-
-def relative_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) -> float:
-    """‖(W−Ŵ)X‖²/‖WX‖² from Σ = X Xᵀ (float64)."""
-    w = w.double()
-    d = w - w_hat.double()
-    den = float(((w @ sigma) * w).sum())
-    return float(((d @ sigma) * d).sum()) / den if den > 0 else 0.0
 
 
 def fits_in_memory(nbytes: int) -> bool:
@@ -131,10 +125,12 @@ def quantize_block(
                     lin = block.get_submodule(name)
                     w = lin.weight.detach()
                     st = stats.get(group[0])
+                    if fp is not None:
+                        st = replace(st, fp_energy=fp.energy[name])
                     res = solve(w, st, opts)
                     check_solution(f"{label}.{name}", res, opts, w)
                     w_hat = res.weight(opts.group_size).to(device)
-                    errors[name] = None if st is None else relative_error(w, w_hat, st.sigma)
+                    errors[name] = None if st is None else layer_error(w, w_hat, st.sigma)
                     if errors[name] is not None:
                         log.info("%s.%s: relative reconstruction error %.4e", label, name, errors[name])
                     lin._parameters["weight"] = torch.nn.Parameter(w_hat, requires_grad=False)

@@ -24,6 +24,16 @@ the classic objective (``M = 0``) plus a term linear in ``e`` and a constant
 gradient in ``V`` is ``-2 ((W - V) Σ + W M)``: solvers only ever need ``Σ``
 and the fixed matrix ``W M``. :class:`Quadratic` holds exactly that problem.
 
+The constant is needed only as a number (it scales the solvers' stopping test),
+and ``C + Σ - 2A = α (X_fp - X_q)(X_fp - X_q)ᵀ`` inside the trace, so
+
+    tr(W (C + Σ - 2A) Wᵀ) = α (||W X_fp||² + tr(W Σ Wᵀ) - 2 tr(W X_fp X_qᵀ Wᵀ)):
+
+the full-precision layer's output energy ``||W X_fp||²`` replaces the whole
+``[in, in]`` matrix ``X_fp X_fpᵀ``. It is read off the full-precision block's
+outputs, which calibration computes anyway; the matrix would cost one more
+GEMM of the size of Σ per sample (``converters/statistics.py``).
+
 **Regularization.** Σ measured on a few hundred windows of one text is a noisy
 estimate of the Σ of the text the model will serve; its off-diagonal part
 (how inputs co-vary) transfers worst. Two ridge terms, both exact
@@ -56,14 +66,15 @@ class LayerStats:
     """Calibration statistics of one linear input (float64 ``[in, in]``, summed over tokens).
 
     ``sigma = Σ x_q x_qᵀ`` over the inputs the layer receives in the model being
-    quantized. With error propagation, ``cross = Σ x_fp x_qᵀ`` and
-    ``sigma_fp = Σ x_fp x_fpᵀ`` pair them with the same tokens' inputs in the
-    full-precision model.
+    quantized. With error propagation, ``cross = Σ x_fp x_qᵀ`` pairs them with
+    the same tokens' inputs in the full-precision model, and ``fp_energy =
+    Σ ||W x_fp||²`` is the full-precision layer's output energy (a property of
+    one layer, where the matrices belong to its input, shared by a group).
     """
 
     sigma: torch.Tensor
     cross: torch.Tensor | None = None
-    sigma_fp: torch.Tensor | None = None
+    fp_energy: float | None = None
 
     @property
     def propagated(self) -> bool:
@@ -74,28 +85,36 @@ class LayerStats:
 class Quadratic:
     """``f(V) = tr(e Σ eᵀ) + 2 tr(W M eᵀ) + tr(W K Wᵀ)``, ``e = W - V`` (module docstring).
 
-    ``shift`` is ``M`` and ``offset`` is ``K``; both ``None`` for the classic
-    objective. ``dead`` marks the columns of the *unregularized* Σ without
+    ``shift`` is ``M`` and ``offset`` is the number ``tr(W K Wᵀ)`` for the
+    layer's own ``W``; both ``None`` for the classic objective. ``dead`` marks the columns of the *unregularized* Σ without
     measurable energy (:func:`dead_columns`).
     """
 
     sigma: torch.Tensor
     shift: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
+    offset: float | None = None
     dead: torch.Tensor | None = None
 
     @staticmethod
-    def of(stats: LayerStats | torch.Tensor, propagation: float = 0.0) -> "Quadratic":
-        """The objective ``f_α`` of ``stats`` with ``α = propagation``."""
+    def of(
+        stats: LayerStats | torch.Tensor, propagation: float = 0.0, w: torch.Tensor | None = None
+    ) -> "Quadratic":
+        """The objective ``f_α`` of ``stats`` with ``α = propagation``, for the layer ``w``.
+
+        ``w`` is needed only with propagation, for the constant (module docstring).
+        """
         if isinstance(stats, torch.Tensor):
             stats = LayerStats(stats)
         sigma = stats.sigma
         dead = dead_columns(sigma)
         if propagation == 0 or not stats.propagated:
             return Quadratic(sigma, dead=dead)
+        if w is None or stats.fp_energy is None:
+            raise ValueError("the error-propagation objective needs the layer's weight and fp_energy")
         a = sigma + propagation * (stats.cross - sigma)
-        c = sigma + propagation * (stats.sigma_fp - sigma)
-        return Quadratic(sigma, a - sigma, c + sigma - 2 * a, dead)
+        w = w.to(sigma.device, torch.float64)
+        drift_error = stats.fp_energy + quadratic_form(w, sigma) - 2 * quadratic_form(w, stats.cross)
+        return Quadratic(sigma, a - sigma, propagation * drift_error, dead)
 
     def regularized(self, shrink: float, damp: float) -> "Quadratic":
         """Every second moment ``S`` to ``(1 - shrink) S + shrink D + damp mean(D) I``."""
@@ -114,24 +133,28 @@ class Quadratic:
         )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Quadratic":
-        move = (lambda t: None if t is None else t.to(device, dtype))
-        return Quadratic(move(self.sigma), move(self.shift), move(self.offset), self.dead.to(device))
+        shift = None if self.shift is None else self.shift.to(device, dtype)
+        return Quadratic(self.sigma.to(device, dtype), shift, self.offset, self.dead.to(device))
 
     def value(self, w: torch.Tensor, v: torch.Tensor) -> float:
-        """``f(V)`` in float64."""
+        """``f(V)`` in float64; ``w`` is the layer's weight the problem was made for."""
         w = w.double().to(self.sigma.device)
         e = w - v.double().to(w.device)
-        f = float(((e @ self.sigma.double()) * e).sum())
+        f = quadratic_form(e, self.sigma)
         if self.shift is not None:
-            f += 2 * float(((w @ self.shift.double()) * e).sum())
-            f += float(((w @ self.offset.double()) * w).sum())
+            f += 2 * float(((w @ self.shift.double()) * e).sum()) + self.offset
         return f
+
+
+def quadratic_form(w: torch.Tensor, s: torch.Tensor) -> float:
+    """``tr(W S Wᵀ)`` in float64, on ``s``'s device."""
+    w = w.double().to(s.device)
+    return float(((w @ s.double()) * w).sum())
 
 
 def objective(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) -> float:
     """``tr((W - W_hat) sigma (W - W_hat)^T)`` in float64."""
-    e = (w.double() - w_hat.double()).to(sigma.device)
-    return float(((e @ sigma.double()) * e).sum())
+    return quadratic_form(w.double() - w_hat.double(), sigma)
 
 
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, sigma: torch.Tensor) -> float:

@@ -78,7 +78,7 @@ class CoordinateDescent:
         self.drift = (
             None if q.shift is None else ((self.w @ q.shift) / sigma.diagonal()).masked_fill(q.dead, 0.0)
         )
-        self.const = 0.0 if q.offset is None else float(((w.double() @ q.offset.double()) * w.double()).sum())
+        self.const = q.offset or 0.0
         self.col_scale, self.col_zero = column_grid(*grid, spec, w.shape[1], dtype)
         self.maxq = spec.maxq
         self.free = None if free is None else free.t().contiguous()

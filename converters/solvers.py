@@ -32,7 +32,7 @@ def solve(w: torch.Tensor, stats: LayerStats | torch.Tensor | None, opts: Conver
         return rtn(w, opts)
     if stats is None:
         raise ValueError(f"method {opts.method!r} needs calibration statistics; 'rtn' does not")
-    problem = Quadratic.of(stats, opts.propagation)
+    problem = Quadratic.of(stats, opts.propagation, w)
     budget = outlier_budget(w.shape, opts.outlier_fraction, opts.outlier_structure)
     if opts.method == "gptq":
         mask = initial_support(w.float(), problem.sigma.diagonal(), budget, opts.outlier_structure)

@@ -11,9 +11,10 @@ float32 sums lose the small eigenvalues the solvers divide by.
 With error propagation each token's input is read twice, from the block as
 quantized so far (``x_q``) and from the full-precision block fed the
 full-precision model's activations (``x_fp``), and the pairs give
-``Σ x_fp x_qᵀ`` and ``Σ x_fp x_fpᵀ`` (``converters/objective.py``). The
-full-precision side never changes while a block is solved, so its inputs are
-read once per block (:class:`FullPrecisionInputs`), not once per stage.
+``Σ x_fp x_qᵀ``; each full-precision linear's output energy ``Σ ||W x_fp||²``
+stands in for ``Σ x_fp x_fpᵀ`` (``converters/objective.py``). The
+full-precision side never changes while a block is solved, so it is read once
+per block (:class:`FullPrecisionInputs`), not once per stage.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from qe_vllm.converters.objective import LayerStats
-from qe_vllm.converters.walking import BlockCall, call_block, run_block
+from qe_vllm.converters.walking import BlockCall, block_linears, call_block, run_block
 
 
 class InputStatistics:
@@ -36,27 +37,24 @@ class InputStatistics:
 
         self.sigma = zeros()
         self.cross = zeros() if paired else None
-        self.sigma_fp = zeros() if paired else None
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add tokens ``x`` ``[tokens, features]`` (and the same tokens' full-precision inputs)."""
         x = x.float()
         self.sigma += (x.T @ x).double()
         if self.cross is not None:
-            x_fp = x_fp.float()
-            self.cross += (x_fp.T @ x).double()
-            self.sigma_fp += (x_fp.T @ x_fp).double()
+            self.cross += (x_fp.float().T @ x).double()
 
     def result(self, where: str) -> LayerStats:
         """The statistics, refused if they hold NaN or Inf (naming ``where``)."""
-        for t in (self.sigma, self.cross, self.sigma_fp):
+        for t in (self.sigma, self.cross):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(
                     f"the calibration activations entering {where} hold NaN or Inf (the model "
                     "overflows float32 on this text); check the model's weights (norm scales, "
                     "embeddings) or calibrate with other --calib-data"
                 )
-        return LayerStats(self.sigma, self.cross, self.sigma_fp)
+        return LayerStats(self.sigma, self.cross)
 
 
 class _Captured(Exception):
@@ -106,18 +104,43 @@ def linear_inputs(
         return dict(seen)
 
 
-class FullPrecisionInputs:
-    """Each sample's linear inputs in the full-precision block, for the error-propagation cross terms.
+@contextmanager
+def output_energy(root: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, float]]:
+    """``Σ ||y||²`` of the output of each submodule ``names`` of ``root``, over every forward pass.
 
-    The full-precision block is never quantized, so the inputs of its linears are
-    the same at every true-sequential stage. With ``cache``, one full pass per
-    sample records the inputs of all ``names`` at once (on the CPU) and moves
-    ``acts`` on to the block's outputs right away: one pass of the block instead
-    of a partial pass per stage plus a full one, measured as about a fifth of the
-    calibration time of a SmolLM2 block (benchmarks/results/conversion_time.md).
-    Without it (the inputs would not fit in memory), each stage re-reads its own
-    with a partial pass and :meth:`finish` moves ``acts`` on. Both give the same
-    tensors bit for bit: the same operations on the same inputs.
+    Each pass's sum is formed in float32 and added in float64, like Σ's products.
+    """
+    energy = dict.fromkeys(names, 0.0)
+
+    def hook(name: str):
+        def add(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            energy[name] += float(out.float().square().sum())
+
+        return add
+
+    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield energy
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class FullPrecisionInputs:
+    """The full-precision block's side of the error-propagation statistics.
+
+    Per sample, the inputs of the linears ``names`` (for the cross terms), and
+    per linear of the block, its output energy :attr:`energy` (for the
+    constant, ``converters/objective.py``). The full-precision block is never
+    quantized, so neither changes between true-sequential stages. One full pass
+    per sample reads every energy; with ``cache`` the same pass records the
+    inputs of all ``names`` (on the CPU) and moves ``acts`` on to the block's
+    outputs: one pass of the block instead of a partial pass per stage plus a
+    full one, measured as about a fifth of the calibration time of a SmolLM2
+    block (benchmarks/results/conversion_time.md). Without it (the inputs would
+    not fit in memory), each stage re-reads its own with a partial pass and
+    :meth:`finish` moves ``acts`` on. Both give the same tensors bit for bit:
+    the same operations on the same inputs.
     """
 
     def __init__(
@@ -131,15 +154,16 @@ class FullPrecisionInputs:
         cache: bool,
     ) -> None:
         self.block, self.acts, self.call, self.device = block, acts, call, device
-        self.cached: list[dict[str, torch.Tensor]] | None = None
-        if cache:
-            self.cached = []
-            with recording(block, names) as seen:
-                for j in range(acts.shape[0]):
-                    y = call_block(block, acts[j : j + 1].to(device), call)
+        self.cached: list[dict[str, torch.Tensor]] | None = [] if cache else None
+        linears = block_linears(block)
+        with recording(block, names if cache else ()) as seen, output_energy(block, linears) as energy:
+            for j in range(acts.shape[0]):
+                y = call_block(block, acts[j : j + 1].to(device), call)
+                if self.cached is not None:
                     # copied before acts[j] is overwritten: an input may be a view of it
                     self.cached.append({n: seen[n].to("cpu", copy=True) for n in names})
                     acts[j] = y[0].float().cpu()
+        self.energy: dict[str, float] = energy
 
     def __call__(self, j: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Sample ``j``'s inputs of ``names`` ``[tokens, features]``, on the compute device."""

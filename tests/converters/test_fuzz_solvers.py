@@ -63,7 +63,7 @@ def problems(draw: st.DrawFn) -> dict:
 def test_solver_output_is_in_range_within_budget_and_valid(p: dict) -> None:
     w, x = p["w"], p["x"]
     x_fp = x + p["drift"] * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    stats = LayerStats(*(t.double() for t in (x @ x.T, x_fp @ x.T, x_fp @ x_fp.T)))
+    stats = LayerStats((x @ x.T).double(), (x_fp @ x.T).double(), float((w.double() @ x_fp.double()).square().sum()))
     opts = ConvertOptions(
         method=p["method"], bits=p["bits"], group_size=p["group_size"], sym=p["sym"],
         outlier_fraction=p["outlier_fraction"], outlier_structure=p["outlier_structure"],

@@ -13,7 +13,7 @@ from qe_vllm.converters.walking import capture_block_inputs, run_block
 from qe_vllm.converters.calibration import calibration_windows, load_text
 from qe_vllm.converters.block import quantize_block
 from qe_vllm.converters.checkpoint import load_quantized_state, partial_dir
-from qe_vllm.converters.objective import exact_matmul
+from qe_vllm.converters.objective import exact_matmul, quadratic_form
 from qe_vllm.converters.pipeline import ConvertOptions, convert
 
 
@@ -148,7 +148,8 @@ def test_true_sequential_calibrates_on_the_quantized_predecessors(smollm2_2block
 
 def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opts):
     """With propagation the pipeline keeps the full-precision stream: at block 1 its cross
-    term pairs the unquantized model's activations with the quantized one's (they differ)."""
+    term pairs the unquantized model's activations with the quantized one's (they differ),
+    and its output energy is ||W X_fp||² of the unquantized block's own inputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qe_vllm.converters.statistics import FullPrecisionInputs, block_statistics
@@ -171,7 +172,8 @@ def test_error_propagation_pairs_full_precision_inputs(smollm2_2blocks, gptq_opt
         fp = FullPrecisionInputs(block, acts["hidden_fp"].clone(), calls[1], cpu, ["mlp.down_proj"], cache=False)
         st = block_statistics(block, ["mlp.down_proj"], acts["hidden"], calls[1], cpu, fp_inputs=fp)["mlp.down_proj"]
         fp_only = block_statistics(block, ["mlp.down_proj"], acts["hidden_fp"], calls[1], cpu)
-    assert torch.allclose(st.sigma_fp, fp_only["mlp.down_proj"].sigma, rtol=1e-6)
+    energy = quadratic_form(block.mlp.down_proj.weight.detach(), fp_only["mlp.down_proj"].sigma)
+    assert fp.energy["mlp.down_proj"] == pytest.approx(energy, rel=1e-6)
     assert not torch.allclose(st.cross, st.sigma, rtol=1e-2)
 
 

@@ -23,7 +23,14 @@ from qe_vllm.converters.grid import (
     quantize,
     round_to_grid,
 )
-from qe_vllm.converters.objective import LayerStats, Quadratic, exact_matmul, layer_error, objective
+from qe_vllm.converters.objective import (
+    LayerStats,
+    Quadratic,
+    exact_matmul,
+    layer_error,
+    objective,
+    quadratic_form,
+)
 from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.outliers import initial_support, quantease_outliers, top
 from qe_vllm.converters.quantease import CoordinateDescent, coordinate_descent, initial_point, quantease
@@ -271,7 +278,7 @@ def test_dead_columns_keep_rtn(options, scale):
     o = opts(**options)
     stats = sigma
     if o.propagation:  # the full-precision inputs differ, the dead channels stay dead
-        stats = LayerStats(sigma, sigma * 0.9, sigma * 1.1)
+        stats = LayerStats(sigma, sigma * 0.9, 1.1 * quadratic_form(w, sigma))
     r = solve(w, stats, o)
     assert torch.isfinite(weight(r, o)).all()
     assert torch.equal(r.codes[:, dead], rtn(w, o).codes[:, dead])
@@ -405,7 +412,7 @@ def propagation_problem(seed: int = 0, q: int = 4, p: int = 6, n: int = 200):
     x_fp = torch.randn(p, n, generator=g, dtype=torch.float64)
     x_fp[0] *= 4
     x_q = x_fp + 0.3 * torch.randn(p, n, generator=g, dtype=torch.float64)  # drifted inputs
-    return w, x_fp, x_q, LayerStats(x_q @ x_q.T, x_fp @ x_q.T, x_fp @ x_fp.T)
+    return w, x_fp, x_q, LayerStats(x_q @ x_q.T, x_fp @ x_q.T, float((w @ x_fp).square().sum()))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
@@ -415,8 +422,8 @@ def test_propagation_objective_matches_activations(alpha):
     direct = alpha * float((w @ x_fp - v @ x_q).square().sum()) + (1 - alpha) * float(
         (w @ x_q - v @ x_q).square().sum()
     )
-    assert Quadratic.of(stats, alpha).value(w, v) == pytest.approx(direct, rel=1e-10)
-    cd = CoordinateDescent(w, Quadratic.of(stats, alpha), GridSpec(2), fit_grid(w, GridSpec(2)), dtype=torch.float64)
+    assert Quadratic.of(stats, alpha, w).value(w, v) == pytest.approx(direct, rel=1e-10)
+    cd = CoordinateDescent(w, Quadratic.of(stats, alpha, w), GridSpec(2), fit_grid(w, GridSpec(2)), dtype=torch.float64)
     assert cd.gradient(v)[1] == pytest.approx(direct, rel=1e-10)
 
 
@@ -447,7 +454,7 @@ def test_propagation_coordinate_step_is_exact_minimiser():
 def test_propagation_target_helps_gptq_and_quantease():
     w, x = layer_and_inputs(48, 96, n=1024)
     x_q = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    stats = LayerStats(*(t.double() for t in (x_q @ x_q.T, x @ x_q.T, x @ x.T)))
+    stats = LayerStats((x_q @ x_q.T).double(), (x @ x_q.T).double(), float((w.double() @ x.double()).square().sum()))
 
     def f(r):
         return float((w.double() @ x.double() - weight(r, opts()).double() @ x_q.double()).square().sum())
@@ -459,7 +466,7 @@ def test_propagation_target_helps_gptq_and_quantease():
 
 def test_propagation_zero_is_the_classic_objective():
     w, sigma = layer()
-    stats = LayerStats(sigma.double(), 0.5 * sigma.double(), 2 * sigma.double())
+    stats = LayerStats(sigma.double(), 0.5 * sigma.double(), 2 * quadratic_form(w, sigma))
     for method in ("gptq", "quantease"):
         o = opts(method=method)
         assert torch.equal(solve(w, stats, o).codes, solve(w, sigma, o).codes)
