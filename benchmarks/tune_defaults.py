@@ -36,7 +36,9 @@ STORE = RESULTS / "defaults"
 DATA = Path(os.environ.get("QE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
-TEXTBOOK = {"true_sequential": False, "propagation": 0.0, "shrink": 0.0, "cd_damp": 0.0}
+TEXTBOOK = {
+    "true_sequential": False, "propagation": 0.0, "shrink": 0.0, "cd_damp": 0.0, "act_order": False, "mse_grid": False,
+}
 TOKENS = {"ts": ("true_sequential", True), "ao": ("act_order", True), "mse": ("mse_grid", True)}
 PREFIXES = {"p": "propagation", "s": "shrink", "cd": "cd_damp"}
 

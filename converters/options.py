@@ -75,7 +75,9 @@ class ConvertOptions:
         "between groups so each group sees its quantized predecessors",
     )
     act_order: bool = option(
-        False, "GPTQ passes quantize columns by decreasing activation energy diag(Σ)"
+        True,
+        "GPTQ passes (--method gptq, and QuantEase's GPTQ start) quantize columns by decreasing "
+        "activation energy diag(Σ); no effect on RTN or another --init",
     )
     mse_grid: bool = option(
         True,
@@ -107,10 +109,6 @@ class ConvertOptions:
     def calibrated(self) -> bool:
         return self.method != "rtn"
 
-    @property
-    def runs_gptq(self) -> bool:
-        return self.method == "gptq" or (self.method == "quantease" and self.init == "gptq")
-
     def check(self) -> None:
         """Refuse inconsistent settings with one message naming the flag."""
         self.check_solver()
@@ -141,11 +139,6 @@ class ConvertOptions:
             raise ValueError(f"--outlier-fraction {self.outlier_fraction} must be in [0, 1)")
         if self.iters < 0:
             raise ValueError(f"--iters {self.iters} cannot be negative")
-        if self.act_order and not self.runs_gptq:
-            raise ValueError(
-                "--act-order orders the columns of a GPTQ pass: use it with --method gptq, "
-                "or --method quantease --init gptq"
-            )
         if (
             self.method == "rtn"
             and self.outlier_fraction > 0

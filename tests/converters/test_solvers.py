@@ -40,11 +40,11 @@ from qe_vllm.converters.solvers import solve
 SPECS = [dict(bits=3, group_size=-1), dict(bits=2, group_size=16), dict(bits=4, group_size=32, sym=True)]
 
 
-PLAIN = {"bits": 3, "group_size": -1, "shrink": 0.0, "mse_grid": False, "propagation": 0.0}
+PLAIN = {"bits": 3, "group_size": -1, "shrink": 0.0, "mse_grid": False, "propagation": 0.0, "act_order": False}
 
 
 def opts(**kw) -> ConvertOptions:
-    """The solvers on their own objective and min/max grid, unless a test says otherwise."""
+    """The solvers on their own objective, min/max grid and natural column order, unless a test says otherwise."""
     return ConvertOptions(**{**PLAIN, **kw})
 
 

@@ -126,12 +126,6 @@ def _nan(tensors):
         ("negative damping", ["--cd-damp", "-0.1"], "dampening cannot be negative"),
         ("shrink out of range", ["--shrink", "1.0"], "--shrink 1.0 must be in [0, 1)"),
         ("propagation out of range", ["--propagation", "2"], "--propagation 2.0 must be in [0, 1]"),
-        ("act-order with rtn", ["--act-order"], "--act-order orders the columns of a GPTQ pass"),
-        (
-            "act-order without gptq start",
-            ["--method", "quantease", "--init", "rtn", "--calib-data", "SHORT", "--act-order"],
-            "--act-order orders the columns of a GPTQ pass",
-        ),
         ("empty calib", ["--method", "gptq", "--calib-data", "EMPTY"], "is empty"),
         ("short calib", ["--method", "gptq", "--calib-data", "SHORT", "--seqlen", "64"], "too few"),
         ("nan weights", ["--arch-variant", "nan"], "NaN or Inf"),
