@@ -86,8 +86,9 @@ class Quadratic:
     """``f(V) = tr(e Σ eᵀ) + 2 tr(W M eᵀ) + tr(W K Wᵀ)``, ``e = W - V`` (module docstring).
 
     ``shift`` is ``M`` and ``offset`` is the number ``tr(W K Wᵀ)`` for the
-    layer's own ``W``; both ``None`` for the classic objective. ``dead`` marks the columns of the *unregularized* Σ without
-    measurable energy (:func:`dead_columns`).
+    layer's own ``W``; both ``None`` for the classic objective. ``dead`` marks
+    the columns of the *unregularized* Σ without measurable energy
+    (:func:`dead_columns`).
     """
 
     sigma: torch.Tensor

@@ -19,7 +19,7 @@ per block (:class:`FullPrecisionInputs`), not once per stage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -62,6 +62,20 @@ class _Captured(Exception):
 
 
 @contextmanager
+def hooked(
+    root: torch.nn.Module, names: Sequence[str], hook: Callable[[str], Callable[..., None]], *, pre: bool
+) -> Iterator[None]:
+    """``hook(name)`` on each submodule ``names`` of ``root`` (a forward pre-hook with ``pre``), removed after."""
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(root.get_submodule(n), register)(hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def recording(
     root: torch.nn.Module, names: Sequence[str], *, stop: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -81,12 +95,8 @@ def recording(
 
         return record
 
-    handles = [root.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
+    with hooked(root, names, hook, pre=True):
         yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def linear_inputs(
@@ -118,12 +128,8 @@ def output_energy(root: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[
 
         return add
 
-    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
+    with hooked(root, names, hook, pre=False):
         yield energy
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class FullPrecisionInputs:
