@@ -32,6 +32,7 @@ from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.quantease import CoordinateDescent, coordinate_descent, initial_point
 from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
+from qe_vllm.converters.statistics import model_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,26 +67,6 @@ def sources(data: Path) -> dict[str, str]:
     }
 
 
-@torch.no_grad()
-def input_sigmas(model, windows: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Σ of each layer's input over ``windows`` (float64 accumulation)."""
-    modules = dict(model.named_modules())
-    acc: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def add(_module, inputs, _output) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            acc[name] = acc.get(name, 0) + x.T @ x
-        return add
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    for w in windows:
-        model(w[None])
-    for h in handles:
-        h.remove()
-    return {n: s.float() for n, s in acc.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / ".cache/models/SmolLM2-135M-Instruct")
@@ -110,7 +91,7 @@ def main() -> None:
     sigma = {}
     for name, text in sources(a.data).items():
         n = a.test_windows if name == "wiki-test" else a.nsamples
-        sigma[name] = input_sigmas(model, random_windows(tokenize(tok, text), n, a.seqlen, 0, name), LAYERS)
+        sigma[name] = model_sigmas(model, LAYERS, random_windows(tokenize(tok, text), n, a.seqlen, 0, name))
     opts = ConvertOptions(
         method="quantease", bits=a.bits, group_size=a.group_size, true_sequential=False,
         propagation=0.0, shrink=0.0, cd_damp=0.0,

@@ -254,28 +254,20 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def timing_stats(cfg: RunConfig, block: int, names: tuple[str, ...]):
-    """Block ``block`` of the unquantized model, and its linears' input statistics."""
+    """Block ``block`` of the unquantized model, and its linears' input Σ (float64)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qe_vllm.converters.calibration import calibration_windows
-    from qe_vllm.converters.objective import exact_matmul
-    from qe_vllm.converters.statistics import InputStatistics, recording
+    from qe_vllm.converters.statistics import model_sigmas
 
     calib_data, calib_files = calib_source(IN_DOMAIN, cfg.data, cfg.scratch)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     n = cfg.proto.timing_nsamples
     windows = calibration_windows(tok, calib_data, n, cfg.proto.seqlen, TIMING_SEED)
     net = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
-    layer = net.model.layers[block]
-    cpu = torch.device("cpu")
-    stats = {n: InputStatistics(layer.get_submodule(n).in_features, cpu) for n in names}
-    with torch.no_grad(), exact_matmul(), recording(layer, names) as seen:
-        for j in range(windows.shape[0]):
-            net.model(input_ids=windows[j : j + 1], use_cache=False)
-            for n in names:
-                stats[n].add(seen[n])
-    return layer, stats, calib_files
+    sigmas = model_sigmas(net, [f"model.layers.{block}.{n}" for n in names], windows)
+    return net.model.layers[block], {n: sigmas[f"model.layers.{block}.{n}"] for n in names}, calib_files
 
 
 def time_layer(name: str, w, sigma, repeats: int) -> dict[str, Any]:
@@ -332,15 +324,13 @@ def run_sweep_timing(s: Setting, seed: int | None, cfg: RunConfig) -> dict[str, 
     from qe_vllm.converters.objective import exact_matmul
 
     block, names = 5, ("self_attn.q_proj", "mlp.down_proj")
-    layer, stats, calib_files = timing_stats(cfg, block, names)
+    layer, sigmas, calib_files = timing_stats(cfg, block, names)
     rows = []
     with torch.no_grad(), exact_matmul():
         for n in names:
             w = layer.get_submodule(n).weight.detach().float().clone()
             # float64 Σ, as the pipeline hands it to the solvers
-            rows.append(
-                time_layer(f"model.layers.{block}.{n}", w, stats[n].sigma, cfg.timing_repeats)
-            )
+            rows.append(time_layer(f"model.layers.{block}.{n}", w, sigmas[n], cfg.timing_repeats))
             log.info(
                 "  %s: GPTQ pass %.3fs, QE sweep %.3fs (%.2fx)",
                 rows[-1]["layer"],

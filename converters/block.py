@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qe_vllm.converters import walking
-from qe_vllm.converters.objective import layer_error
+from qe_vllm.converters.distributed import Ranks
+from qe_vllm.converters.objective import LayerStats, layer_error
 from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.result import QuantResult
 from qe_vllm.converters.solvers import solve
@@ -78,6 +79,29 @@ def fits_in_memory(nbytes: int) -> bool:
     return nbytes <= kib * 1024 // 4
 
 
+def solve_cost(lin: torch.nn.Linear) -> float:
+    """A linear's solve time, up to a constant: ``out × in²`` (the sweeps' and the Cholesky's order)."""
+    return float(lin.out_features * lin.in_features**2)
+
+
+def solve_linear(
+    name: str, w: torch.Tensor, st: LayerStats | None, opts: ConvertOptions, ranks: Ranks
+) -> tuple[QuantResult, float | None] | str:
+    """One linear's checked solution and its relative error, or why it cannot be stored.
+
+    The refusal travels as a message, so that every process raises it rather
+    than waiting for a solution that will never come.
+    """
+    try:
+        res = solve(w, st, opts)
+        check_solution(name, res, opts, w)
+    except ValueError as e:
+        return str(e)
+    if ranks.world > 1:
+        res = res.cpu()  # what the others receive; the solving process uses the same copy
+    return res, None if st is None else layer_error(w, res.weight(opts.group_size).to(w.device), st.sigma)
+
+
 def quantize_block(
     block: torch.nn.Module,
     opts: ConvertOptions,
@@ -85,6 +109,7 @@ def quantize_block(
     acts: dict[str, torch.Tensor] | None,
     call: BlockCall | None,
     label: str,
+    ranks: Ranks = Ranks(),
 ) -> tuple[dict[str, QuantResult], dict[str, float | None]]:
     """Solve every linear of one block; with calibration, advance ``acts`` in place to its outputs.
 
@@ -104,38 +129,43 @@ def quantize_block(
         else:
             call = walking.to_device(call, device)
             groups = linear_groups(block, acts["hidden"][:1].to(device), call)
-        bar = tqdm(total=sum(map(len, groups)), desc=label, leave=False)
+        bar = tqdm(total=sum(map(len, groups)), desc=label, leave=False, disable=not ranks.leader)
         fp = None
         if acts is not None and "hidden_fp" in acts:
             firsts = [g[0] for g in groups]
             width = sum(block.get_submodule(n).in_features for n in firsts)
             fp = FullPrecisionInputs(
                 copy.deepcopy(block), acts["hidden_fp"], call, device, firsts,
-                cache=fits_in_memory(acts["hidden_fp"][..., 0].numel() * width * 4),
+                cache=fits_in_memory(acts["hidden_fp"][..., 0].numel() * width * 4), ranks=ranks,
             )
         stages = [[g] for g in groups] if opts.true_sequential else [groups]
         for stage in stages:
             stats = {}
             if acts is not None:
                 stats = block_statistics(
-                    block, [g[0] for g in stage], acts["hidden"], call, device, fp_inputs=fp, label=label
+                    block, [g[0] for g in stage], acts["hidden"], call, device,
+                    fp_inputs=fp, label=label, ranks=ranks,
                 )
-            for group in stage:
-                for name in group:
-                    lin = block.get_submodule(name)
-                    w = lin.weight.detach()
-                    st = stats.get(group[0])
-                    if fp is not None:
-                        st = replace(st, fp_energy=fp.energy[name])
-                    res = solve(w, st, opts)
-                    check_solution(f"{label}.{name}", res, opts, w)
-                    w_hat = res.weight(opts.group_size).to(device)
-                    errors[name] = None if st is None else layer_error(w, w_hat, st.sigma)
-                    if errors[name] is not None:
-                        log.info("%s.%s: relative reconstruction error %.4e", label, name, errors[name])
-                    lin._parameters["weight"] = torch.nn.Parameter(w_hat, requires_grad=False)
-                    results[name] = res
-                    bar.update()
+            jobs = {name: stats.get(group[0]) for group in stage for name in group}
+            if fp is not None:
+                jobs = {name: replace(st, fp_energy=fp.energy[name]) for name, st in jobs.items()}
+            owners = dict(zip(jobs, ranks.assign([solve_cost(block.get_submodule(n)) for n in jobs])))
+            mine = {
+                name: solve_linear(f"{label}.{name}", block.get_submodule(name).weight.detach(), st, opts, ranks)
+                for name, st in jobs.items()
+                if owners[name] == ranks.rank
+            }
+            for name in jobs:
+                outcome = ranks.share(mine.get(name), owners[name], f"sending the solution of {label}.{name}")
+                if isinstance(outcome, str):
+                    raise ValueError(outcome)
+                res, errors[name] = outcome
+                if errors[name] is not None and ranks.leader:
+                    log.info("%s.%s: relative reconstruction error %.4e", label, name, errors[name])
+                w_hat = res.weight(opts.group_size).to(device)
+                block.get_submodule(name)._parameters["weight"] = torch.nn.Parameter(w_hat, requires_grad=False)
+                results[name] = res
+                bar.update()
         if acts is not None:
             run_block(block, acts["hidden"], call, into=acts["hidden"])
             if fp is not None:

@@ -273,15 +273,6 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         yield f
 
 
-def tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Which safetensors file of a model directory holds each stored tensor."""
-    files = {}
-    for f in weight_files(model_dir):
-        with open_safetensors(f) as sf:
-            files.update(dict.fromkeys(sf.keys(), f))
-    return files
-
-
 def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files of a model directory (CPU)."""
     out: dict[str, torch.Tensor] = {}
@@ -396,16 +387,23 @@ def read_headers(
     model_dir: Path, load: Callable[[str], bool] = lambda name: False
 ) -> dict[str, torch.Tensor]:
     """Every stored tensor: read if ``load(name)``, else a meta tensor of its dtype and shape."""
+    return stored_tensors(model_dir, load)[0]
+
+
+def stored_tensors(
+    model_dir: Path, load: Callable[[str], bool] = lambda name: False
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """:func:`read_headers`, and which safetensors file holds each tensor; each file opened once."""
     out: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}
+    files: dict[str, Path] = {}
     for f in weight_files(model_dir):
         with open_safetensors(f) as sf:
             for k in sf.keys():
-                if k in source:
-                    raise CheckpointFormatError(f"tensor {k} is stored twice, in {source[k]} and {f.name}")
-                source[k] = f.name
+                if k in files:
+                    raise CheckpointFormatError(f"tensor {k} is stored twice, in {files[k].name} and {f.name}")
+                files[k] = f
                 out[k] = sf.get_tensor(k) if load(k) else header_tensor(sf, k, f)
-    return out
+    return out, files
 
 
 def header_tensor(sf: Any, name: str, file: Path) -> torch.Tensor:

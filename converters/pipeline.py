@@ -34,13 +34,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from qe_vllm.converters import walking
+from qe_vllm.converters import distributed, walking
 from qe_vllm.converters.block import FLOAT16_MAX, quantize_block
 from qe_vllm.converters.calibration import Calibration, calibration_set, describe
 from qe_vllm.converters.checkpoint import (
     MAX_SHARD_BYTES,
     check_output,
     finish_model_dir,
+    partial_dir,
     prepare_partial,
     publish,
     quantized_config,
@@ -177,10 +178,12 @@ def convert(
             f"{source} is already quantized ({quantized}); pass the original model to --model"
         )
     walking.check_supported(hf_config)
+    ranks = distributed.current()
     arch_name = ", ".join(hf_config.get("architectures") or [str(hf_config.get("model_type"))])
     quant_config(opts)  # validates bits / group size / outliers before any work
-    dev = pick_device(device)
-    check_output(output, overwrite=overwrite, resume=resume)
+    dev = pick_device(distributed.device_of(device, ranks))
+    if ranks.leader:  # the others would see the staging folder the leader is creating
+        check_output(output, overwrite=overwrite, resume=resume)
     src = SourceModel(source, hf_config)
     facts = src.scan()  # one tensor at a time
     check_finite(facts)
@@ -193,8 +196,10 @@ def convert(
         calib = calibration_set(
             tokenizer, opts.calib_data, opts.nsamples, opts.seqlen, opts.seed, opts.calib_format
         )
-        log.info(calib.summary())
-        windows = calib.windows
+        if ranks.leader:
+            log.info(calib.summary())
+        ranks, mine = ranks.split(calib.windows.shape[0])
+        windows = calib.windows[mine]
     net = src.skeleton()
     lay = walking.layout(net)
     blocks = net.get_submodule(lay.blocks)
@@ -205,9 +210,15 @@ def convert(
             f"module names of {arch_name}"
         )
     check_fits(opts, hf_config, {n: facts[f"{n}.weight"] for n in names})
-    log.info("%d blocks at %s, each with linears %s", len(blocks), lay.blocks, ", ".join(lay.linears))
-    staging = prepare_partial(output, overwrite=overwrite, resume=resume)
-    work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)})
+    if ranks.leader:
+        log.info("%d blocks at %s, each with linears %s", len(blocks), lay.blocks, ", ".join(lay.linears))
+    staging = partial_dir(output)
+    if ranks.leader:  # the others open the folders the leader made
+        prepare_partial(output, overwrite=overwrite, resume=resume)
+        work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)}, ranks)
+    ranks.barrier("preparing the output folder")
+    if not ranks.leader:
+        work = WorkDir(staging / "_work", {"model": str(source), **asdict(opts)}, ranks)
     first = work.next_block
     qcfg = quant_config(opts)
     acts, calls = None, [None] * len(blocks)
@@ -219,18 +230,23 @@ def convert(
             acts = {"hidden": hidden}
             if opts.propagation > 0:
                 acts["hidden_fp"] = hidden.clone()
-            work.save_calls(calls)
+            if ranks.leader:
+                work.save_calls(calls)
         elif opts.calibrated and first < len(blocks):
             acts, calls = work.load_acts(first)
-        for i in tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks)):
+        bar = tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks), disable=not ranks.leader)
+        for i in bar:
             label = f"{lay.blocks}.{i}"
             with src.loaded(blocks[i], f"{label}."):
-                results, errors = quantize_block(blocks[i], opts, dev, acts, calls[i], label)
+                results, errors = quantize_block(blocks[i], opts, dev, acts, calls[i], label, ranks)
             tensors = {
                 f"{n}.{k}": v for n, r in results.items() for k, v in r.to_tensors(qcfg).items()
             }
             work.save_block(i, tensors, errors, acts)
 
+    if not ranks.leader:  # the leader writes the checkpoint
+        ranks.barrier("process 0 writes the checkpoint")
+        return ConvertReport(output=output, source=source, architecture=arch_name, qcfg=qcfg)
     stored, read, errors = checkpoint_tensors(work, src, lay, len(blocks))
     report = ConvertReport(
         output=output,
@@ -244,6 +260,7 @@ def convert(
     finish_model_dir(staging, quantized_config(hf_config, report.qcfg), source)
     shutil.rmtree(work.path)
     publish(staging, output)
+    ranks.barrier("process 0 writes the checkpoint")
     report.seconds = time.perf_counter() - start_time
     return report
 

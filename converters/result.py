@@ -40,6 +40,10 @@ class QuantResult:
         w = dequantize(self.codes, self.scales, self.zeros, group_size)
         return w if self.outliers is None else w + self.outliers
 
+    def cpu(self) -> QuantResult:
+        """The same result with its tensors on the CPU (as sent to the other processes)."""
+        return QuantResult(*(None if t is None else t.cpu() for t in (self.codes, self.scales, self.zeros, self.outliers)))
+
     def nnz(self) -> int:
         return 0 if self.outliers is None else int(torch.count_nonzero(self.outliers))
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from qe_vllm.converters.checkpoint import model_dtype, open_safetensors, read_headers, tensor_files
+from qe_vllm.converters.checkpoint import model_dtype, open_safetensors, stored_tensors
 from qe_vllm.converters.hf_loading import renamed
 
 
@@ -51,8 +51,8 @@ class SourceModel:
 
     def __init__(self, model_dir: Path, hf_config: dict[str, Any]) -> None:
         self.dir, self.hf_config = Path(model_dir), hf_config
-        self.headers = read_headers(self.dir)  # name -> meta tensor (dtype, shape)
-        self.files = tensor_files(self.dir)  # stored name -> the shard holding it
+        # stored name -> meta tensor (dtype, shape), and -> the shard holding it
+        self.headers, self.files = stored_tensors(self.dir)
         self.dtype = model_dtype(hf_config, self.headers)
         self.names: dict[str, str] = {}  # skeleton name -> stored name
 

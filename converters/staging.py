@@ -7,6 +7,12 @@ atomically and the progress marker is written last, so a run killed with
 SIGKILL at any instant resumes from the last finished block, and the final
 checkpoint, always assembled from these files, has the same bytes as an
 uninterrupted run's.
+
+With several processes (``converters/distributed.py``) process 0 writes the
+shared files and each process its own windows' activations; the progress
+marker moves on only once every process has saved its own, so a run where any
+process died resumes, on the same number of processes, from the last block
+they all finished.
 """
 
 from __future__ import annotations
@@ -20,21 +26,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qe_vllm.converters.checkpoint import header_tensor, open_safetensors, writing
+from qe_vllm.converters.distributed import Ranks
 from qe_vllm.converters.walking import BlockCall
 
 # Bumped whenever the files in ``_work`` change meaning, so that a run resumed
 # by a newer converter refuses the older files by name instead of misreading them.
-WORK_FORMAT = 2
+WORK_FORMAT = 3
 
 
 class WorkDir:
     """Per-block state of a conversion, inside the staging directory, written atomically."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, fingerprint: dict[str, Any], ranks: Ranks = Ranks()) -> None:
+        """Open (process 0: create) the resume state; refused if it belongs to another run's settings."""
+        self.path, self.ranks = path, ranks
+        if ranks.leader:
+            path.mkdir(parents=True, exist_ok=True)
         run = path / "run.json"
-        fingerprint = {"work_format": WORK_FORMAT, **fingerprint}
+        fingerprint = {"work_format": WORK_FORMAT, "processes": ranks.world, **fingerprint}
         if run.exists():
             previous = json.loads(run.read_text())
             if previous.get("work_format") != WORK_FORMAT:
@@ -53,8 +62,10 @@ class WorkDir:
                     f"the interrupted conversion at {path.parent} used different settings ({', '.join(changed)}); "
                     "pass --overwrite to start over"
                 )
-        else:
+        elif ranks.leader:
             _replace_text(run, json.dumps(fingerprint, sort_keys=True))
+        else:
+            raise FileNotFoundError(f"process 0 did not create {run}")
 
     @property
     def next_block(self) -> int:
@@ -86,10 +97,14 @@ class WorkDir:
         steps leaves the marker pointing at a block whose inputs are on disk
         (never at block ``i`` with block ``i``'s *outputs* in place of its inputs).
         """
-        _save_atomic(self._block_file(i), tensors, {"errors": json.dumps(errors, sort_keys=True)})
+        if self.ranks.leader:
+            _save_atomic(self._block_file(i), tensors, {"errors": json.dumps(errors, sort_keys=True)})
         if acts is not None:
             _save_atomic(self._inputs_file(i + 1), acts, {})
-        _replace_text(self.path / "progress.json", json.dumps({"next_block": i + 1}))
+        self.ranks.barrier(f"saving the resume state of block {i}")
+        if self.ranks.leader:
+            _replace_text(self.path / "progress.json", json.dumps({"next_block": i + 1}))
+        self.ranks.barrier(f"saving the resume state of block {i}")
         self._inputs_file(i).unlink(missing_ok=True)
 
     def block_contents(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
@@ -106,7 +121,8 @@ class WorkDir:
         return self.path / f"block_{i:05d}.safetensors"
 
     def _inputs_file(self, i: int) -> Path:
-        return self.path / f"inputs_{i:05d}.safetensors"
+        """Block ``i``'s inputs on this process's windows."""
+        return self.path / (f"inputs_{i:05d}.safetensors" if self.ranks.world == 1 else f"inputs_{i:05d}.rank{self.ranks.rank}.safetensors")
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

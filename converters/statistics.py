@@ -1,12 +1,14 @@
 """Calibration statistics: Σ = Σ x xᵀ of each linear's input, and the error-propagation cross terms.
 
 One accumulator (:class:`InputStatistics`) and one way to read a linear's
-input (:func:`linear_inputs`: forward pre-hooks), shared by the pipeline, the
-tests and the benchmarks.
+input (:func:`recording`: forward pre-hooks), shared by the pipeline
+(:func:`block_statistics`) and the tests and benchmarks (:func:`model_sigmas`).
 
 Per-sample products are formed in float32 and summed in float64: ~10⁵–10⁶
 tokens with activation outliers of 10²–10³ give sums of 10⁹–10¹⁰, where
-float32 sums lose the small eigenvalues the solvers divide by.
+float32 sums lose the small eigenvalues the solvers divide by. The float64 sums
+are pairwise, in a fixed tree over the windows (:func:`push`), so the bits of Σ
+do not depend on how the windows are split between processes.
 
 With error propagation each token's input is read twice, from the block as
 quantized so far (``x_q``) and from the full-precision block fed the
@@ -21,40 +23,89 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from qe_vllm.converters.objective import LayerStats
+from qe_vllm.converters.distributed import Ranks
+from qe_vllm.converters.objective import LayerStats, exact_matmul
 from qe_vllm.converters.walking import BlockCall, block_linears, call_block, run_block
+
+
+@dataclass
+class Partial:
+    """Per-window products summed over the windows ``[start, start + size)``.
+
+    ``size`` is a power of two and ``start`` a multiple of it: a node of the
+    fixed binary tree over all windows that :func:`push` sums along.
+    """
+
+    start: int
+    size: int
+    sums: list[torch.Tensor]
+
+
+def push(stack: list[Partial], p: Partial) -> None:
+    """Append ``p``, the windows right after ``stack``'s, adding each pair of sibling halves into their parent.
+
+    Pairwise summation in a fixed tree: the sum of two halves is formed when
+    both are complete, so the total depends on the windows alone, never on
+    which process summed which run of them (``converters/distributed.py``),
+    and rounding errors grow with log n instead of n. The stack holds at most
+    ⌊log₂ n⌋ + 1 partial sums (the binary digits of the count so far).
+    """
+    assert not stack or stack[-1].start + stack[-1].size == p.start, "windows pushed out of order"
+    while stack and stack[-1].size == p.size and stack[-1].start % (2 * p.size) == 0:
+        left = stack.pop()
+        for a, b in zip(left.sums, p.sums):
+            a += b
+        p = Partial(left.start, 2 * p.size, left.sums)
+    stack.append(p)
+
+
+def total(stack: list[Partial]) -> list[torch.Tensor]:
+    """The sum of a complete stack, folded from its smallest (last) partial sum up."""
+    acc = stack[-1].sums
+    for p in reversed(stack[:-1]):
+        for a, b in zip(p.sums, acc):
+            a += b
+        acc = p.sums
+    return acc
 
 
 class InputStatistics:
     """Running sums for one linear input; ``paired`` also keeps the full-precision cross terms."""
 
     def __init__(self, features: int, device: torch.device, paired: bool = False) -> None:
-        def zeros() -> torch.Tensor:
-            return torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.features, self.device, self.paired = features, device, paired
+        self.stack: list[Partial] = []
 
-        self.sigma = zeros()
-        self.cross = zeros() if paired else None
-
-    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
-        """Add tokens ``x`` ``[tokens, features]`` (and the same tokens' full-precision inputs)."""
+    def add(self, j: int, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add window ``j``'s tokens ``x`` ``[tokens, features]`` (and the same tokens' full-precision inputs)."""
         x = x.float()
-        self.sigma += (x.T @ x).double()
-        if self.cross is not None:
-            self.cross += (x_fp.float().T @ x).double()
+        sums = [(x.T @ x).double()]
+        if self.paired:
+            sums.append((x_fp.float().T @ x).double())
+        push(self.stack, Partial(j, 1, sums))
 
-    def result(self, where: str) -> LayerStats:
-        """The statistics, refused if they hold NaN or Inf (naming ``where``)."""
-        for t in (self.sigma, self.cross):
-            if t is not None and not bool(torch.isfinite(t).all()):
+    def result(self, where: str, ranks: Ranks = Ranks()) -> LayerStats:
+        """The statistics over every process's windows, refused if they hold NaN or Inf (naming ``where``)."""
+        stack = self.stack
+        if ranks.world > 1:
+            stack = []
+            mine = [Partial(p.start, p.size, [t.cpu() for t in p.sums]) for p in self.stack]
+            for part in ranks.gather(mine, f"summing the statistics of {where}"):
+                for p in part:
+                    push(stack, Partial(p.start, p.size, [t.to(self.device) for t in p.sums]))
+        sums = total(stack)
+        for t in sums:
+            if not bool(torch.isfinite(t).all()):
                 raise ValueError(
                     f"the calibration activations entering {where} hold NaN or Inf (the model "
                     "overflows float32 on this text); check the model's weights (norm scales, "
                     "embeddings) or calibrate with other --calib-data"
                 )
-        return LayerStats(self.sigma, self.cross)
+        return LayerStats(*sums)
 
 
 class _Captured(Exception):
@@ -99,32 +150,58 @@ def recording(
         yield seen
 
 
+def _read(seen: dict[str, torch.Tensor], names: Sequence[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The inputs ``seen`` records of ``names`` while ``run()`` runs (a :func:`recording` with ``stop``)."""
+    seen.clear()
+    try:
+        run()
+    except _Captured:
+        pass
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise RuntimeError(f"the forward pass never called {missing}")
+    return dict(seen)
+
+
 def linear_inputs(
     block: torch.nn.Module, names: Sequence[str], x: torch.Tensor, call: BlockCall
 ) -> dict[str, torch.Tensor]:
     """The inputs of ``names`` when ``block`` runs on ``x``, stopping once all are read."""
     with recording(block, names, stop=True) as seen:
-        try:
-            call_block(block, x, call)
-        except _Captured:
-            pass
-        missing = [n for n in names if n not in seen]
-        if missing:
-            raise RuntimeError(f"the block never called {missing}")
-        return dict(seen)
+        return _read(seen, names, lambda: call_block(block, x, call))
+
+
+def model_sigmas(
+    model: torch.nn.Module, names: Sequence[str], windows: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Σ (float64) of the input of each submodule ``names`` of the unquantized causal LM ``model``.
+
+    Over the token windows ``windows`` ``[n, seqlen]``, one per forward pass,
+    accumulated as the pipeline accumulates it (:class:`InputStatistics`), each
+    pass cut short once every input is read. For the tests and benchmarks that
+    need real statistics of real layers without running a conversion.
+    """
+    device = next(model.parameters()).device
+    stats = {n: InputStatistics(model.get_submodule(n).in_features, device) for n in names}
+    with torch.no_grad(), exact_matmul(), recording(model, names, stop=True) as seen:
+        for j, window in enumerate(windows):
+            x = _read(seen, names, lambda: model(input_ids=window[None].to(device), use_cache=False))
+            for n in names:
+                stats[n].add(j, x[n])
+    return {n: s.result(n).sigma for n, s in stats.items()}
 
 
 @contextmanager
-def output_energy(root: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, float]]:
-    """``Σ ||y||²`` of the output of each submodule ``names`` of ``root``, over every forward pass.
+def output_energy(root: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, list[float]]]:
+    """``||y||²`` of the output of each submodule ``names`` of ``root``, one entry per forward pass.
 
-    Each pass's sum is formed in float32 and added in float64, like Σ's products.
+    Each pass's sum is formed in float32; the caller adds them in float64, in window order.
     """
-    energy = dict.fromkeys(names, 0.0)
+    energy: dict[str, list[float]] = {n: [] for n in names}
 
     def hook(name: str):
         def add(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-            energy[name] += float(out.float().square().sum())
+            energy[name].append(float(out.float().square().sum()))
 
         return add
 
@@ -146,7 +223,8 @@ class FullPrecisionInputs:
     block (benchmarks/results/conversion_time.md). Without it (the inputs would
     not fit in memory), each stage re-reads its own with a partial pass and
     :meth:`finish` moves ``acts`` on. Both give the same tensors bit for bit:
-    the same operations on the same inputs.
+    the same operations on the same inputs. With several processes, ``acts``
+    are this process's windows and :attr:`energy` sums everyone's, in window order.
     """
 
     def __init__(
@@ -158,6 +236,7 @@ class FullPrecisionInputs:
         names: Sequence[str],
         *,
         cache: bool,
+        ranks: Ranks = Ranks(),
     ) -> None:
         self.block, self.acts, self.call, self.device = block, acts, call, device
         self.cached: list[dict[str, torch.Tensor]] | None = [] if cache else None
@@ -169,7 +248,8 @@ class FullPrecisionInputs:
                     # copied before acts[j] is overwritten: an input may be a view of it
                     self.cached.append({n: seen[n].to("cpu", copy=True) for n in names})
                     acts[j] = y[0].float().cpu()
-        self.energy: dict[str, float] = energy
+        parts = ranks.gather(energy, "summing the full-precision output energies")
+        self.energy: dict[str, float] = {n: sum(e for part in parts for e in part[n]) for n in linears}
 
     def __call__(self, j: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Sample ``j``'s inputs of ``names`` ``[tokens, features]``, on the compute device."""
@@ -192,11 +272,13 @@ def block_statistics(
     *,
     fp_inputs: FullPrecisionInputs | None = None,
     label: str = "block",
+    ranks: Ranks = Ranks(),
 ) -> dict[str, LayerStats]:
     """Statistics of the inputs of ``names`` over every sample ``acts[j]`` fed to ``block``.
 
     With ``fp_inputs`` (the same samples' inputs in the full-precision model),
-    the cross terms too.
+    the cross terms too. With several processes, ``acts`` are this process's
+    windows (the first is window ``ranks.first``) and the result sums everyone's.
     """
     stats = {
         n: InputStatistics(block.get_submodule(n).in_features, device, fp_inputs is not None)
@@ -206,5 +288,5 @@ def block_statistics(
         xq = linear_inputs(block, names, acts[j : j + 1].to(device), call)
         xf = None if fp_inputs is None else fp_inputs(j, names)
         for n in names:
-            stats[n].add(xq[n], None if xf is None else xf[n])
-    return {n: s.result(f"{label}.{n}") for n, s in stats.items()}
+            stats[n].add(ranks.first + j, xq[n], None if xf is None else xf[n])
+    return {n: s.result(f"{label}.{n}", ranks) for n, s in stats.items()}

@@ -8,6 +8,7 @@ import sys
 from dataclasses import Field, fields
 from pathlib import Path
 
+from qe_vllm.converters import distributed
 from qe_vllm.converters.checkpoint import MAX_SHARD_BYTES
 from qe_vllm.converters.options import ConvertOptions, flag
 from qe_vllm.converters.pipeline import ConvertReport, convert
@@ -33,6 +34,10 @@ examples:
 
   # continue a run that was interrupted (same arguments plus --resume)
   qe-convert ... --resume
+
+  # on 4 processes (GPUs, or CPU cores with gloo): the calibration windows are split between
+  # them and the solves spread across them; the checkpoint has the same bytes as on one
+  torchrun --nproc-per-node 4 -m qe_vllm.cli.convert --model ./SmolLM2-135M-Instruct --output ./smollm2-w4-qe
 
 then serve it:  vllm serve ./smollm2-w4-qe   (the quantease plugin is picked up automatically)
 
@@ -75,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "model.safetensors.index.json (default 2GiB). The converter holds one file's tensors at a time",
     )
     a("--resume", action="store_true", help="continue an interrupted conversion into the same --output")
+    a(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before it gives up; must exceed "
+        "the longest solve of one linear layer (default %(default)s)",
+    )
     a(
         "--overwrite",
         action="store_true",
@@ -175,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    prog = "qe-convert"
     try:
+        ranks = distributed.init_from_env(args.dist_timeout)
+        if ranks.world > 1:
+            prog = f"qe-convert (process {ranks.rank} of {ranks.world})"
         with logging_redirect_tqdm():
             report = convert(
                 args.model,
@@ -187,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_bytes=args.max_shard_size,
             )
     except (ValueError, OSError) as e:
-        print(f"qe-convert: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.PeerFailure as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
-        print("qe-convert: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print(f"{prog}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    print(summary(report))
+    distributed.leave()  # only after success: leaving a group whose peer died can hang
+    if ranks.leader:
+        print(summary(report))
     return 0
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from qe_vllm.converters.calibration import calibration_windows
-from qe_vllm.converters.objective import exact_matmul, layer_error
+from qe_vllm.converters.objective import layer_error
 from qe_vllm.converters.options import ConvertOptions
 from qe_vllm.converters.solvers import solve
-from qe_vllm.converters.statistics import InputStatistics, recording
+from qe_vllm.converters.statistics import model_sigmas
 
 BLOCK = 1
 LAYERS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -34,14 +34,8 @@ def real_sigmas(model_dir, text, nsamples: int = 12, seqlen: int = 256) -> dict[
 
     windows = calibration_windows(AutoTokenizer.from_pretrained(model_dir), str(text), nsamples, seqlen, 0)
     net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    block = net.model.layers[BLOCK]
-    stats = {n: InputStatistics(block.get_submodule(n).in_features, torch.device("cpu")) for n in LAYERS}
-    with torch.no_grad(), exact_matmul(), recording(block, LAYERS) as seen:
-        for j in range(windows.shape[0]):
-            net.model(input_ids=windows[j : j + 1], use_cache=False)
-            for n in LAYERS:
-                stats[n].add(seen[n])
-    return {n: s.sigma for n, s in stats.items()}
+    sigmas = model_sigmas(net, [f"model.layers.{BLOCK}.{n}" for n in LAYERS], windows)
+    return {n: sigmas[f"model.layers.{BLOCK}.{n}"] for n in LAYERS}
 
 
 @pytest.fixture(scope="module")
